@@ -1,0 +1,100 @@
+"""``torch.ops.cpcompile.attention_with_lse``: attention over this rank's KV slots, with LSE.
+
+    o, lse = torch.ops.cpcompile.attention_with_lse(q, k, v, pos_q, pos_kv, scale,
+                                                    softcap=0.0, window=0, mask=None)
+
+    q      [B, Hq, Lq, Dk]   float32 / bfloat16 / float16, any strides
+    k      [B, Hkv, S, Dk]   same dtype; this rank's KV slots (views of a cache are fine)
+    v      [B, Hkv, S, Dv]   Dv may differ from Dk
+    pos_q  [B, Lq]           integer, global position of each query token
+    pos_kv [B, S]            integer, global position of each slot; < 0 marks an empty slot
+    mask   [B, Lq, S]        optional; bool (True = visible) or float (additive bias)
+    ->  o   [B, Hq, Lq, Dv]  q's dtype
+        lse [B, Hq, Lq]      float32, natural log
+
+Query head ``h`` reads KV head ``h // (Hq // Hkv)`` (GQA/MQA, no repeat_kv). Slot ``s`` is
+visible to query ``t`` iff ``0 <= pos_kv[s] <= pos_q[t]``, ``pos_q[t] - pos_kv[s] < window``
+(when ``window > 0``) and the mask allows it. Logits are ``scale * q.k``, then
+``softcap * tanh(logits / softcap)`` when ``softcap > 0`` (Gemma 2 order), then + the
+additive mask. A query with no visible slot gets ``lse = -inf`` and ``o = 0``.
+
+Dispatch: CUDA tensors run the Triton split-KV kernel (``triton_launch``); any other
+device runs the pure-torch implementation below. The spec is ``reference.attention_with_lse_ref``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from cpcompile.kernels._checks import check_attention_args
+
+
+def visibility(pos_q: torch.Tensor, pos_kv: torch.Tensor, window: int,
+               mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """[B, Lq, S] bool: slot s visible to query t (positions, causality, window, bool mask)."""
+    pq, pk = pos_q[:, :, None], pos_kv[:, None, :]  # [B, Lq, 1], [B, 1, S]
+    visible = (pk >= 0) & (pk <= pq)
+    if window > 0:
+        visible &= pq - pk < window
+    if mask is not None and mask.dtype == torch.bool:
+        visible &= mask
+    return visible
+
+
+def attention_with_lse_torch(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None):
+    """Pure-torch implementation (the CPU path). fp32 accumulation, no repeat_kv."""
+    check_attention_args(q, k, v, pos_q, pos_kv, scale, softcap, window, mask)
+    B, Hq, Lq, Dk = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = Hq // Hkv
+    # The G query heads of a KV head become G*Lq rows of one matmul against that head.
+    qg = (q.float() * scale).reshape(B, Hkv, G * Lq, Dk)  # [B, Hkv, G*Lq, Dk]
+    logits = torch.matmul(qg, k.float().transpose(-1, -2))  # [B, Hkv, G*Lq, S]
+    logits = logits.view(B, Hkv, G, Lq, S)
+    if softcap > 0:
+        logits = torch.tanh(logits.div_(softcap)).mul_(softcap)
+    if mask is not None and mask.dtype != torch.bool:
+        logits += mask.float()[:, None, None]  # [B, 1, 1, Lq, S]
+    hidden = ~visibility(pos_q, pos_kv, window, mask)  # [B, Lq, S]
+    logits.masked_fill_(hidden[:, None, None], float("-inf"))
+    m = logits.amax(dim=-1, keepdim=True) if S > 0 else logits.new_full((B, Hkv, G, Lq, 1), float("-inf"))
+    m = m.masked_fill(m == float("-inf"), 0.0)  # empty rows: exp(-inf - 0) = 0, no NaN
+    p = torch.exp(logits.sub_(m))  # [B, Hkv, G, Lq, S]
+    denom = p.sum(dim=-1, keepdim=True)  # [B, Hkv, G, Lq, 1]; >= 1 (max term is exp(0)) or 0 if empty
+    o = torch.matmul(p.view(B, Hkv, G * Lq, S), v.float())  # [B, Hkv, G*Lq, Dv]
+    o = o.view(B, Hkv, G, Lq, Dv).div_(denom.clamp_min(1.0))
+    lse = (m + torch.log(denom)).view(B, Hq, Lq)  # log(0) = -inf on empty rows
+    return o.view(B, Hq, Lq, Dv).to(q.dtype), lse
+
+
+@torch.library.custom_op("cpcompile::attention_with_lse", mutates_args=())
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_q: torch.Tensor,
+    pos_kv: torch.Tensor,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+    mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_with_lse_torch(q, k, v, pos_q, pos_kv, scale, softcap, window, mask)
+
+
+@attention_with_lse.register_kernel("cuda")
+def _attention_with_lse_cuda(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None):
+    from cpcompile.kernels import triton_launch  # triton is optional; imported on first CUDA call
+
+    return triton_launch.attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap, window, mask)
+
+
+@attention_with_lse.register_fake
+def _attention_with_lse_fake(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None):
+    check_attention_args(q, k, v, pos_q, pos_kv, scale, softcap, window, mask)
+    B, Hq, Lq, _ = q.shape
+    o = q.new_empty((B, Hq, Lq, v.shape[3]))
+    lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    return o, lse

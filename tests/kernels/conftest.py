@@ -1,0 +1,24 @@
+"""Kernel tests: interpreter on CPU, real kernels on CUDA; one hypothesis profile."""
+
+import os
+
+import torch
+
+# The Triton kernels run under the interpreter on CPU-only machines. Must be set before
+# any @triton.jit function is defined, i.e. before cpcompile.kernels.triton_* is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Bounded example counts keep the suite (interpreter included) within a few minutes on a
+# 2-core CPU; CI runs derandomized so failures reproduce.
+settings.register_profile(
+    "kernels",
+    max_examples=25,
+    deadline=None,
+    derandomize=os.environ.get("CI", "").lower() == "true",
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile("kernels")
