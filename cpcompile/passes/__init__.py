@@ -1,0 +1,85 @@
+"""The pass manager: cpcompile's passes, in their fixed order.
+
+1. find_attention    — attention sites (SDPA / eager forms), their K/V source.  (reads)
+2. find_projections  — every linear's role, by dataflow.                       (reads)
+3. plan              — role -> placement under the mesh, validated.            (reads)
+4. rewrite_attention — cache read + attention -> attention_with_lse.           (rewrites)
+
+Analysis runs before any rewrite so that roles are read off the graph HF produced, and the
+plan is validated before the graph is touched: a mesh error never leaves a half-rewritten
+graph. Each pass's counts are returned in `PassReport`; tests assert them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from cpcompile.options import Options
+from cpcompile.passes._fx import op_count
+from cpcompile.passes.find_attention import AttentionSite, find_attention_sites
+from cpcompile.passes.find_projections import Roles, find_projections
+from cpcompile.passes.plan import Mesh, Placement, plan
+from cpcompile.passes.rewrite_attention import rewrite_attention
+
+
+@dataclass
+class Analysis:
+    sites: list[AttentionSite]
+    roles: Roles
+    placements: list[Placement]
+
+
+@dataclass
+class PassReport:
+    analysis: Analysis
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def analyze(gm: fx.GraphModule, options: Options) -> Analysis:
+    sites = find_attention_sites(gm)
+    roles = find_projections(gm, sites)
+    placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine))
+    return Analysis(sites, roles, placements)
+
+
+def run_passes(gm: fx.GraphModule, options: Options, graph_id: int = 0) -> PassReport:
+    dump = _Dumper(options.debug_dir, graph_id)
+    dump(gm, "0-input")
+    analysis = analyze(gm, options)
+    counts = {
+        "attention_sites": len(analysis.sites),
+        "sdpa_before": op_count(gm, "sdpa"),
+        "cache_reads_before": op_count(gm, "kv_cache_read"),
+    }
+    result = rewrite_attention(gm, analysis.sites)
+    dump(gm, "1-rewrite_attention")
+    counts.update(
+        attention_rewritten=result.rewritten,
+        sdpa_after=op_count(gm, "sdpa"),
+        cache_reads_after=op_count(gm, "kv_cache_read"),
+        attention_with_lse=sum(n.target is _lse_op() for n in gm.graph.nodes),
+    )
+    return PassReport(analysis, counts)
+
+
+def _lse_op():
+    import torch
+
+    return torch.ops.cpcompile.attention_with_lse.default
+
+
+class _Dumper:
+    """Debug switch: writes each graph before and after each pass to `debug_dir`."""
+
+    def __init__(self, debug_dir: str | None, graph_id: int):
+        self.dir, self.graph_id = debug_dir, graph_id
+
+    def __call__(self, gm: fx.GraphModule, stage: str) -> None:
+        if not self.dir:
+            return
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, f"graph{self.graph_id}-{stage}.py"), "w") as f:
+            f.write(gm.print_readable(print_output=False))

@@ -1,0 +1,54 @@
+"""The `cpcompile` torch.compile backend: Dynamo's graph -> passes -> lowering.
+
+    model.forward = torch.compile(model.forward, backend="cpcompile", options={"lowering": "inductor"})
+
+Registered under the name "cpcompile" through the `torch_dynamo_backends` entry point, so the
+string works right after `pip install`. Every graph Dynamo hands over goes through
+`cpcompile.passes.run_passes`; an attention the passes cannot rewrite raises there.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable
+
+import torch
+from torch import fx
+
+from cpcompile.options import Options
+from cpcompile.passes import PassReport, run_passes
+
+_graph_ids = itertools.count()
+
+
+class Backend:
+    """A backend instance with its settings; keeps the pass report of every graph it compiled."""
+
+    def __init__(self, options: Options | dict | None = None):
+        self.options = options if isinstance(options, Options) else Options.from_dict(options)
+        if self.options.tp * self.options.cp * self.options.dp != 1:
+            o = self.options
+            raise ValueError(
+                f"cpcompile: tp={o.tp}, cp={o.cp}, dp={o.dp} — this version rewrites single-device graphs "
+                "only; the distributed rewrite is not part of it yet. Use tp = cp = dp = 1."
+            )
+        self.reports: list[PassReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **_) -> Callable:
+        self.reports.append(run_passes(gm, self.options, next(_graph_ids)))
+        return lower(gm, example_inputs, self.options.lowering)
+
+
+def cpcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, **_) -> Callable:
+    """The function behind `backend="cpcompile"`; `options` is torch.compile's `options=` dict."""
+    return Backend(options)(gm, example_inputs)
+
+
+def lower(gm: fx.GraphModule, example_inputs: list, lowering: str) -> Callable:
+    if lowering == "eager":
+        return gm.forward
+    if lowering == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)

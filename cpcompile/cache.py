@@ -1,0 +1,186 @@
+"""The sharded KV cache: static per-rank buffers holding only this CP rank's slots.
+
+A `transformers` `Cache` whose layers keep, per attention layer,
+
+    keys       [B, Hkv_local, S_local + 1, Dk]   # last slot: the sink for tokens other ranks own
+    values     [B, Hkv_local, S_local + 1, Dv]
+    slot_pos   [S_local + 1] int64                # global position each slot holds, -1 = empty
+    cumulative_length  int64 scalar tensor        # global number of tokens written
+
+with `S_local = ceil(max_length / (cp·I))·I` (I = kv_interleave). The token at global position
+`p` is written by CP rank `(p // I) % cp` at local slot `(p // (I·cp))·I + p % I` (the rule of
+`cpcompile.kernels.layout`); the other CP ranks write it to the sink slot, which attention
+never reads. The cache reports the **global** sequence length and a mask size of
+`max_length`, so HF's position ids and masks are those of the single-device model.
+
+`update` returns what HF's attention would read, `[B, Hkv, max_length, D]`, through
+`cpcompile::kv_cache_read`: a marker op whose only implementation raises. The attention
+rewrite pass replaces every attention that reads it by `cpcompile::attention_with_lse` over
+the local slots, so a model that uses this cache outside a cpcompile-compiled forward (eager,
+or another torch.compile backend) fails loudly instead of attending to the wrong slots.
+Static shapes: no recompiles across decode steps, CUDA-graph friendly (same scheme as HF's
+`StaticLayer`, whose `cumulative_length` tensor we mirror).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from cpcompile.kernels.layout import local_slot, owner_rank
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Where the KV of one attention layer lives on this rank."""
+
+    max_length: int  # global capacity in tokens
+    cp: int = 1
+    cp_rank: int = 0
+    kv_interleave: int = 1
+
+    @property
+    def local_slots(self) -> int:
+        block = self.cp * self.kv_interleave
+        return math.ceil(self.max_length / block) * self.kv_interleave
+
+
+_READ_OUTSIDE_CPCOMPILE = (
+    "cpcompile's KV cache was read by an attention that cpcompile did not rewrite. The cache "
+    "holds only this rank's slots, so HF's own attention over it would be wrong. Run the model "
+    "through cpcompile.parallelize(...) or torch.compile(..., backend='cpcompile'); do not call "
+    "it eagerly or with another backend while it holds a cpcompile.KVCache."
+)
+
+
+@torch.library.custom_op("cpcompile::kv_cache_read", mutates_args=())
+def kv_cache_read(
+    keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor, pos_new: torch.Tensor, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Marker: 'attention reads this layer's cache as [B, H, max_length, D]'. Never executes."""
+    raise RuntimeError(_READ_OUTSIDE_CPCOMPILE)
+
+
+@kv_cache_read.register_fake
+def _(keys, values, slot_pos, pos_new, max_length):
+    b, h, _, dk = keys.shape
+    dv = values.shape[-1]
+    return keys.new_empty(b, h, max_length, dk), values.new_empty(b, h, max_length, dv)
+
+
+class KVCacheLayer(CacheLayerMixin):
+    """One attention layer's slots on this rank (see the module docstring for the layout)."""
+
+    is_compileable = True
+    is_sliding = False
+    supports_early_init = True
+
+    def __init__(self, layout: CacheLayout):
+        super().__init__()
+        self.layout = layout
+        self.max_cache_len = layout.max_length
+        self.cumulative_length = torch.tensor(0, dtype=torch.int64)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        n = self.layout.local_slots + 1  # + the sink slot
+        self.keys = torch.zeros(self.batch_size, self.num_heads, n, self.k_head_dim, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(self.batch_size, self.num_heads, n, self.v_head_dim, dtype=self.dtype, device=self.device)
+        self.slot_pos = torch.full((n,), -1, dtype=torch.int64, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            for t in (self.keys, self.values, self.slot_pos, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        lay = self.layout
+        n_new = key_states.shape[-2]
+        pos_new = torch.arange(n_new, device=self.device) + self.cumulative_length  # [T] global positions
+        mine = owner_rank(pos_new, lay.cp, lay.kv_interleave) == lay.cp_rank
+        dest = torch.where(mine, local_slot(pos_new, lay.cp, lay.kv_interleave), lay.local_slots)  # [T]
+        self.keys.index_copy_(2, dest, key_states.to(self.dtype))
+        self.values.index_copy_(2, dest, value_states.to(self.dtype))
+        self.slot_pos.index_copy_(0, dest, pos_new)
+        self.cumulative_length.add_(n_new)
+        return torch.ops.cpcompile.kv_cache_read(self.keys, self.values, self.slot_pos, pos_new, lay.max_length)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.layout.max_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return self.layout.max_length
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+            self.slot_pos.fill_(-1)
+        self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.keys.copy_(self.keys.index_select(0, beam_idx.to(self.device)))
+            self.values.copy_(self.values.index_select(0, beam_idx.to(self.device)))
+
+
+class KVCache(Cache):
+    """cpcompile's sharded, static KV cache (one `KVCacheLayer` per decoder layer).
+
+    `KVCache(num_layers, max_length, cp=..., cp_rank=..., kv_interleave=...)`; buffers are
+    allocated on the first write (batch size, heads, head dims and dtype come from the model).
+    """
+
+    def __init__(self, num_layers: int, max_length: int, *, cp: int = 1, cp_rank: int = 0, kv_interleave: int = 1):
+        if max_length < 1:
+            raise ValueError(f"KVCache: max_length={max_length}; expected a positive number of tokens")
+        if not 0 <= cp_rank < cp:
+            raise ValueError(f"KVCache: cp_rank={cp_rank} is outside 0..{cp - 1} for cp={cp}")
+        if kv_interleave < 1:
+            raise ValueError(f"KVCache: kv_interleave={kv_interleave}; expected >= 1")
+        self.layout = CacheLayout(max_length, cp, cp_rank, kv_interleave)
+        super().__init__(layers=[KVCacheLayer(self.layout) for _ in range(num_layers)])
+
+    @property
+    def max_length(self) -> int:
+        return self.layout.max_length
+
+    def allocate(self, model: torch.nn.Module, batch_size: int) -> "KVCache":
+        """Allocate every layer's buffers for `batch_size` rows of `model`.
+
+        Head counts, head dims (`Dk` may differ from `Dv`) and dtype are learned by running
+        one token of one row through `model` with a `DynamicCache` (no shape is read from
+        config fields, whose names differ between architectures). Fake tensors would be
+        cheaper but some HF kernels (MoE grouped_mm on CPU) refuse them.
+        """
+        from transformers import DynamicCache
+
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            probe = DynamicCache(config=model.config)
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), past_key_values=probe, use_cache=True)
+            shapes = [((batch_size, *l.keys.shape[1:]), (batch_size, *l.values.shape[1:]), l.keys.dtype) for l in probe.layers]
+        if len(shapes) != len(self.layers):
+            raise ValueError(f"KVCache: built for {len(self.layers)} layers but the model wrote {len(shapes)}")
+        for layer, (ks, vs, dtype) in zip(self.layers, shapes):
+            if not layer.is_initialized:
+                layer.lazy_initialization(torch.empty(ks, dtype=dtype, device=device), torch.empty(vs, dtype=dtype, device=device))
+        return self
+
+    def kv_bytes(self) -> int:
+        """Bytes of K/V this rank holds (allocated buffers, sink slot included)."""
+        return sum(
+            l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size()
+            for l in self.layers
+            if l.is_initialized
+        )

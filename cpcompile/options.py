@@ -1,0 +1,47 @@
+"""cpcompile's settings: one dataclass, one docstring line per field."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+LOWERINGS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class Options:
+    tp: int = 1
+    """Tensor-parallel degree: query/KV heads are split over tp ranks."""
+    cp: int = 1
+    """Decode context-parallel degree: the KV cache's sequence is split over cp ranks."""
+    dp: int = 1
+    """Attention data-parallel degree: batch rows are split over dp replicas."""
+    combine: str = "all_to_all"
+    """How CP partial attentions are combined: 'all_to_all' (Helix), 'ag_rs' (vLLM DCP), 'all_gather'."""
+    kv_interleave: int = 1
+    """Runs of this many consecutive tokens go to the same CP rank (DESIGN.md section 2)."""
+    lowering: str = "inductor"
+    """What compiles the rewritten graph: 'inductor', 'aot_eager' (fast, for tests) or 'eager'."""
+    debug_dir: str | None = None
+    """If set (or env CPCOMPILE_DEBUG_DIR), each graph is written there before and after each pass."""
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> "Options":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"cpcompile: unknown option(s) {unknown}; expected some of {sorted(known)}")
+        opts = cls(**options)
+        if opts.debug_dir is None and os.environ.get("CPCOMPILE_DEBUG_DIR"):
+            opts = dataclasses.replace(opts, debug_dir=os.environ["CPCOMPILE_DEBUG_DIR"])
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        if self.lowering not in LOWERINGS:
+            raise ValueError(f"cpcompile: lowering={self.lowering!r}; expected one of {LOWERINGS}")
+        for name in ("tp", "cp", "dp", "kv_interleave"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"cpcompile: {name}={getattr(self, name)}; expected an integer >= 1")

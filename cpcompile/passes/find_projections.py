@@ -1,0 +1,206 @@
+"""Pass 1b — give every linear a role, from dataflow around the attention sites (never from names).
+
+Cases handled:
+  * q / k / v: the first linears (walking back) that reach the attention's query, the new
+    keys/values written into cpcompile's cache (or the attention's K/V when there is no
+    cache). One linear reaching several of them is fused: `qkv` (Phi-3, GPT-NeoX) or `kv`.
+    A linear reached from the cache side of the attention (DeepSeek-V3's `kv_b_proj`, applied
+    to cached latents) is `kv_up`; linears feeding only attention-side linears (DeepSeek-V3's
+    `q_a_proj`) join that attention as `q_down`/`kv_down`.
+  * o: the first linear consuming the attention output.
+  * FFN, the linears after `o` and before the next layer's attention:
+    `gate`, `up` (the one without the activation), `down` when act(a) * b feeds the third;
+    `gate_up` + `down` when one linear's output is split and multiplied (Phi-3);
+    `fc1` + `fc2` for act in between (GPT-NeoX). Anything else there (MoE routers and
+    experts, DeepSeek-V3) is `ffn_other` and stays replicated.
+  * lm_head: the last linear, reaching the graph output with no linear after it.
+
+Reads the graph only. Parameter names come from Dynamo's sources
+(`L['self']._modules['model']..._parameters['weight']` -> `model.layers.0...weight`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from cpcompile.passes._fx import ancestors, descendants, is_op
+from cpcompile.passes.find_attention import AttentionSite
+
+
+@dataclass
+class Projection:
+    node: fx.Node
+    role: str
+    layer: int  # -1: outside the decoder layers (lm_head)
+    weight: str  # parameter name
+    bias: str | None = None
+    out_features: int = 0
+    in_features: int = 0
+
+
+@dataclass
+class Roles:
+    projections: list[Projection] = field(default_factory=list)
+
+    def by_layer(self, layer: int) -> list[Projection]:
+        return [p for p in self.projections if p.layer == layer]
+
+    def role_of(self, weight: str) -> str | None:
+        return next((p.role for p in self.projections if p.weight == weight), None)
+
+
+def _is_linear(n: fx.Node) -> bool:
+    return is_op(n, "linear")
+
+
+def _first_linears_back(node: fx.Node) -> set[fx.Node]:
+    if _is_linear(node):
+        return {node}
+    stop = lambda n: _is_linear(n) or is_op(n, "kv_cache_read") or n.op == "placeholder"
+    return {n for n in ancestors(node, stop) if _is_linear(n)}
+
+
+def _first_linears_forward(node: fx.Node) -> set[fx.Node]:
+    return {n for n in descendants([node], _is_linear) if _is_linear(n)}
+
+
+def param_name(node: fx.Node) -> str:
+    """`model.layers.0.self_attn.q_proj.weight` for a parameter placeholder (or get_attr)."""
+    if node.op == "get_attr":
+        return str(node.target)
+    ga = node.meta.get("grapharg")
+    src = ga.source.name if ga is not None else node.name
+    src = src() if callable(src) else src
+    parts = re.findall(r"\['([^']+)'\]|\.(\w+)\b|\[(\d+)\]", src)
+    names = [a or b or c for a, b, c in parts]
+    names = [n for n in names if n not in ("self", "_modules", "_parameters", "_buffers", "L")]
+    return ".".join(names) if names else node.name
+
+
+def _new_kv(site: AttentionSite) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The tensors written into the cache for this site's keys and values."""
+    if site.cache_read is None:
+        return [site.key], [site.value]
+    keys_buf, values_buf = site.cache_read.args[:2]
+    writes = lambda buf: [u.args[2] for u in buf.users if u.op == "call_method" and u.target == "index_copy_"]
+    return writes(keys_buf), writes(values_buf)
+
+
+def find_projections(gm: fx.GraphModule, sites: list[AttentionSite]) -> Roles:
+    linears = [n for n in gm.graph.nodes if _is_linear(n)]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    role: dict[fx.Node, tuple[str, int]] = {}
+
+    groups: list[set[fx.Node]] = []
+    for site in sites:
+        i = site.index
+        new_k, new_v = _new_kv(site)
+        q = _first_linears_back(site.query)
+        k = set().union(*(_first_linears_back(n) for n in new_k))
+        v = set().union(*(_first_linears_back(n) for n in new_v))
+        up = set()
+        if site.cache_read is not None:
+            up = (_first_linears_back(site.key) | _first_linears_back(site.value)) - q
+        for lin in q | k | v:
+            tags = "".join(t for t, s in (("q", q), ("k", k), ("v", v)) if lin in s)
+            role[lin] = (tags, i)
+        for lin in up:
+            role[lin] = ("kv_up", i)
+        group = q | k | v | up
+        # Linears whose outputs feed only this attention's projections (low-rank q/kv down-projections).
+        changed = True
+        while changed:
+            changed = False
+            for lin in linears:
+                if lin in role:
+                    continue
+                fwd = _first_linears_forward(lin)
+                if fwd and fwd <= group and not any(_residual_add(u) for u in descendants([lin], _is_linear)):
+                    kind = "q_down" if fwd & q else "kv_down"
+                    role[lin] = (kind, i)
+                    group.add(lin)
+                    changed = True
+        o = _first_linears_forward(site.output) - group
+        for lin in o:
+            role[lin] = ("o", i)
+        groups.append(group | o)
+
+    # FFN windows: unassigned linears after layer i's o and before layer i+1's first projection.
+    starts = [min(order[n] for n in g) for g in groups] + [len(order)]
+    ends = [max(order[n] for n in g) for g in groups]
+    lm_head = _lm_head(gm, linears, role)
+    if lm_head is not None:
+        role[lm_head] = ("lm_head", -1)
+    for i in range(len(sites)):
+        window = [n for n in linears if n not in role and ends[i] < order[n] < starts[i + 1]]
+        for lin, r in _ffn_roles(window).items():
+            role[lin] = (r, i)
+    for lin in linears:
+        role.setdefault(lin, ("other", -1))
+
+    projections = []
+    for lin in linears:
+        r, layer = role[lin]
+        w = lin.args[1]
+        b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        wv = w.meta.get("example_value", w.meta.get("val")) if isinstance(w, fx.Node) else None
+        out_f, in_f = (tuple(wv.shape) + (0, 0))[:2] if wv is not None else (0, 0)
+        projections.append(
+            Projection(
+                lin,
+                r,
+                layer,
+                param_name(w) if isinstance(w, fx.Node) else str(w),
+                param_name(b) if isinstance(b, fx.Node) else None,
+                int(out_f),
+                int(in_f),
+            )
+        )
+    return Roles(projections)
+
+
+def _residual_add(n: fx.Node) -> bool:
+    """An add of two computed tensors (a residual connection), as opposed to `x + const`."""
+    return is_op(n, "add") and all(isinstance(a, fx.Node) for a in n.args[:2])
+
+
+def _lm_head(gm: fx.GraphModule, linears: list[fx.Node], role: dict) -> fx.Node | None:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    for lin in reversed(linears):
+        if lin in role:
+            continue
+        if not _first_linears_forward(lin) and out in descendants([lin], lambda n: False):
+            return lin
+        return None
+    return None
+
+
+def _feeds_product_directly(lin: fx.Node) -> bool:
+    """True if `lin`'s output goes straight (dtype casts aside) into a product: the `up` of act(gate) * up."""
+    n = lin
+    while len(n.users) == 1 and is_op(next(iter(n.users)), "to"):
+        n = next(iter(n.users))
+    return len(n.users) == 1 and is_op(next(iter(n.users)), "mul")
+
+
+def _ffn_roles(window: list[fx.Node]) -> dict[fx.Node, str]:
+    if len(window) == 3:
+        a, b, c = window
+        if a.args[0] is b.args[0] and _first_linears_forward(a) == {c} == _first_linears_forward(b):
+            # act(gate) * up: `up` feeds the product directly, `gate` through its activation
+            if _feeds_product_directly(a) != _feeds_product_directly(b):
+                gate, up = (b, a) if _feeds_product_directly(a) else (a, b)
+                return {gate: "gate", up: "up", c: "down"}
+    if len(window) == 2:
+        a, c = window
+        if _first_linears_forward(a) == {c}:
+            path = descendants([a], lambda n: n is c)
+            split = any(is_op(n, "getitem") or (n.op == "call_method" and n.target in ("chunk", "split")) for n in path)
+            product = any(is_op(n, "mul") and all(isinstance(x, fx.Node) for x in n.args[:2]) for n in path)
+            if split and product:
+                return {a: "gate_up", c: "down"}
+            return {a: "fc1", c: "fc2"}
+    return {lin: "ffn_other" for lin in window}
