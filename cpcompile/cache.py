@@ -156,25 +156,19 @@ class KVCache(Cache):
         return self.layout.max_length
 
     def allocate(self, model: torch.nn.Module, batch_size: int) -> "KVCache":
-        """Allocate every layer's buffers for `batch_size` rows of `model`.
+        """Allocate every layer's buffers for `batch_size` rows of `model` (see `kv_shapes`)."""
+        return self.allocate_shapes(kv_shapes(model), batch_size, next(model.parameters()).device)
 
-        Head counts, head dims (`Dk` may differ from `Dv`) and dtype are learned by running
-        one token of one row through `model` with a `DynamicCache` (no shape is read from
-        config fields, whose names differ between architectures). Fake tensors would be
-        cheaper but some HF kernels (MoE grouped_mm on CPU) refuse them.
-        """
-        from transformers import DynamicCache
-
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            probe = DynamicCache(config=model.config)
-            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), past_key_values=probe, use_cache=True)
-            shapes = [((batch_size, *l.keys.shape[1:]), (batch_size, *l.values.shape[1:]), l.keys.dtype) for l in probe.layers]
+    def allocate_shapes(self, shapes: list[tuple], batch_size: int, device: torch.device) -> "KVCache":
+        """`shapes`: per layer `(Hkv, Dk, Dv, dtype)`, as `kv_shapes` returns."""
         if len(shapes) != len(self.layers):
-            raise ValueError(f"KVCache: built for {len(self.layers)} layers but the model wrote {len(shapes)}")
-        for layer, (ks, vs, dtype) in zip(self.layers, shapes):
+            raise ValueError(f"KVCache: built for {len(self.layers)} layers but the model has {len(shapes)} KV layers")
+        for layer, (h, dk, dv, dtype) in zip(self.layers, shapes):
             if not layer.is_initialized:
-                layer.lazy_initialization(torch.empty(ks, dtype=dtype, device=device), torch.empty(vs, dtype=dtype, device=device))
+                layer.lazy_initialization(
+                    torch.empty(batch_size, h, 0, dk, dtype=dtype, device=device),
+                    torch.empty(batch_size, h, 0, dv, dtype=dtype, device=device),
+                )
         return self
 
     def kv_bytes(self) -> int:
@@ -184,3 +178,20 @@ class KVCache(Cache):
             for l in self.layers
             if l.is_initialized
         )
+
+
+def kv_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, torch.dtype]]:
+    """Per attention layer `(Hkv, Dk, Dv, dtype)` of what `model` writes into its KV cache.
+
+    Learned by running one token of one row through `model` with a `DynamicCache`, so no
+    shape is read from config fields whose names differ between architectures (DeepSeek-V3
+    caches latents with `Dk != Dv`). Fake tensors would be cheaper, but some HF kernels
+    (MoE grouped_mm on CPU) refuse them.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        probe = DynamicCache(config=model.config)
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), past_key_values=probe, use_cache=True)
+    return [(l.keys.shape[1], l.keys.shape[-1], l.values.shape[-1], l.keys.dtype) for l in probe.layers]

@@ -78,10 +78,13 @@ def attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mas
         return o.zero_(), lse.fill_(float("-inf"))
 
     rows = G * Lq  # (query head of the group, query token) pairs: the M dimension
-    BLOCK_M = block_m or min(_pow2(rows), 64)
-    m_tiles = math.ceil(rows / BLOCK_M)
     BLOCK_DK, BLOCK_DV = _pow2(Dk), _pow2(Dv)
-    BLOCK_N = block_n or (64 if max(BLOCK_DK, BLOCK_DV) <= 128 else 32)
+    if _interpreted():  # the interpreter's cost is per op, not per element: big tiles
+        BLOCK_M, BLOCK_N = block_m or min(_pow2(rows), 128), block_n or 128
+    else:  # GPU: 16-64 query rows x 64 slots (32 for head dims > 128) keeps registers in check
+        BLOCK_M = block_m or min(_pow2(rows), 64)
+        BLOCK_N = block_n or (64 if max(BLOCK_DK, BLOCK_DV) <= 128 else 32)
+    m_tiles = math.ceil(rows / BLOCK_M)
     num_blocks = math.ceil(S / BLOCK_N)
     splits = num_splits or choose_num_splits(num_blocks, B * Hkv * m_tiles, num_sms(q.device))
     blocks_per_split = math.ceil(num_blocks / min(splits, num_blocks))

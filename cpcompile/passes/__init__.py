@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from cpcompile.options import Options
-from cpcompile.passes._fx import op_count
+from cpcompile.passes._fx import is_op, op_count
 from cpcompile.passes.find_attention import AttentionSite, find_attention_sites
 from cpcompile.passes.find_projections import Roles, find_projections
 from cpcompile.passes.plan import Mesh, Placement, plan
@@ -30,6 +30,7 @@ class Analysis:
     sites: list[AttentionSite]
     roles: Roles
     placements: list[Placement]
+    notes: list[str] = field(default_factory=list)  # what the passes saw but did not understand
 
 
 @dataclass
@@ -42,7 +43,19 @@ def analyze(gm: fx.GraphModule, options: Options) -> Analysis:
     sites = find_attention_sites(gm)
     roles = find_projections(gm, sites)
     placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine))
-    return Analysis(sites, roles, placements)
+    return Analysis(sites, roles, placements, _notes(gm, sites, roles))
+
+
+def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles) -> list[str]:
+    notes = []
+    in_attention = {n for s in sites for n in s.chain}
+    for n in gm.graph.nodes:
+        if is_op(n, "softmax") and n not in in_attention:
+            notes.append(f"softmax {n.name} is not part of an attention (a router?); left as is")
+    for p in roles.projections:
+        if p.role in ("other", "ffn_other"):
+            notes.append(f"linear {p.weight} ({p.role}): structure not recognised; replicated on every rank")
+    return notes
 
 
 def run_passes(gm: fx.GraphModule, options: Options, graph_id: int = 0) -> PassReport:

@@ -68,7 +68,12 @@ def _first_linears_forward(node: fx.Node) -> set[fx.Node]:
 
 
 def param_name(node: fx.Node) -> str:
-    """`model.layers.0.self_attn.q_proj.weight` for a parameter placeholder (or get_attr)."""
+    """`model.layers.0.self_attn.q_proj.weight` for a parameter placeholder (or get_attr).
+
+    Dtype casts of the weight (DeepSeek-V3's router runs in fp32) are looked through.
+    """
+    while node.op in ("call_method", "call_function") and (is_op(node, "to") or node.target == "type") and node.all_input_nodes:
+        node = node.all_input_nodes[0]
     if node.op == "get_attr":
         return str(node.target)
     ga = node.meta.get("grapharg")
@@ -85,7 +90,8 @@ def _new_kv(site: AttentionSite) -> tuple[list[fx.Node], list[fx.Node]]:
     if site.cache_read is None:
         return [site.key], [site.value]
     keys_buf, values_buf = site.cache_read.args[:2]
-    writes = lambda buf: [u.args[2] for u in buf.users if u.op == "call_method" and u.target == "index_copy_"]
+    # buf.index_copy_(dim, dest, source): args = (buf, dim, dest, source)
+    writes = lambda buf: [u.args[3] for u in buf.users if u.op == "call_method" and u.target == "index_copy_"]
     return writes(keys_buf), writes(values_buf)
 
 
@@ -106,6 +112,8 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite]) -> Roles:
             up = (_first_linears_back(site.key) | _first_linears_back(site.value)) - q
         for lin in q | k | v:
             tags = "".join(t for t, s in (("q", q), ("k", k), ("v", v)) if lin in s)
+            if up and tags in ("k", "v", "kv"):
+                tags = "kv_down"  # writes latents the cache-side up-projection expands (MLA)
             role[lin] = (tags, i)
         for lin in up:
             role[lin] = ("kv_up", i)

@@ -6,13 +6,13 @@ the meshes this model can take.
 
 | role                     | placement (combine all_to_all / ag_rs)  | all_gather combine |
 |--------------------------|-----------------------------------------|--------------------|
-| q, k, v                  | column over tp, by heads                | same               |
+| q, k, v, kv_up (MLA)     | column over tp, by heads                | same               |
 | qkv, kv (fused)          | packed column over tp, by heads         | same               |
 | o                        | row over the replica (tp*cp ranks)      | row over tp        |
 | gate, up, fc1            | column over the replica                 | same               |
 | gate_up                  | packed column over the replica          | same               |
 | down, fc2                | row over the replica (+ all-reduce)     | same               |
-| q_down, kv_down, kv_up,  | replicate                               | same               |
+| q_down, kv_down (latents)| replicate                               | same               |
 | ffn_other, lm_head, other|                                         |                    |
 """
 
@@ -27,7 +27,7 @@ COMBINES = ("all_to_all", "ag_rs", "all_gather")
 
 _PLACEMENT = {
     "q": "column/tp", "k": "column/tp", "v": "column/tp", "qkv": "packed-column/tp", "kv": "packed-column/tp",
-    "qk": "packed-column/tp", "qv": "packed-column/tp",
+    "qk": "packed-column/tp", "qv": "packed-column/tp", "kv_up": "column/tp",
     "o": "row/replica",
     "gate": "column/replica", "up": "column/replica", "fc1": "column/replica", "gate_up": "packed-column/replica",
     "down": "row/replica", "fc2": "row/replica",

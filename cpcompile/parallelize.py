@@ -1,0 +1,160 @@
+"""`cpcompile.parallelize(model, ...)`: compile an unmodified HF decoder with cpcompile.
+
+What it does to `model` (nothing else is edited):
+  * captures the forward once to learn attention sites and projection roles, and validates
+    the mesh against them (a bad mesh fails here, listing the valid ones);
+  * replaces `model.forward` (an instance attribute; the class is untouched) by a thin
+    wrapper around `torch.compile(forward, backend=cpcompile)` that gives the model
+    cpcompile's static `KVCache` in place of the empty cache `generate()` creates, pads the
+    2D attention mask to the cache's static length (so decode steps never recompile), and
+    refuses a step that would run past `max_length` before anything is written.
+  * turns off HF's own auto-compilation in `generate()` (it would wrap the wrapper in a second,
+    non-cpcompile compile).
+
+`model.generate(...)` is then the ordinary HF API: greedy, sampling, batches with left padding.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Cache, DynamicCache
+
+from cpcompile.backend import Backend
+from cpcompile.cache import KVCache, kv_shapes
+from cpcompile.options import Options
+from cpcompile.passes import Analysis, analyze
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+@dataclass
+class ParallelState:
+    """What `parallelize` attached to a model (as `model._cpcompile`)."""
+
+    options: Options
+    max_length: int
+    analysis: Analysis
+    backend: Backend
+    kv_shapes: list  # per layer (Hkv, Dk, Dv, dtype), see cpcompile.cache.kv_shapes
+    caches: "weakref.WeakKeyDictionary[Cache, KVCache]" = field(default_factory=weakref.WeakKeyDictionary)
+    seen: "weakref.WeakKeyDictionary[KVCache, int]" = field(default_factory=weakref.WeakKeyDictionary)
+
+
+def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prompt_length: int = 4) -> Analysis:
+    """Trace `model`'s forward once (a short prompt into a fresh cpcompile cache) and analyse it."""
+    holder: list[Analysis] = []
+
+    def analysing_backend(gm, example_inputs, **_):
+        holder.append(analyze(gm, options))
+        return gm.forward  # never run: we stop at the first graph
+
+    cache = KVCache(_num_layers(model), max_length).allocate(model, 1)
+    ids = torch.ones(1, prompt_length, dtype=torch.long, device=_device(model))
+    fn = torch.compile(model.forward, backend=analysing_backend, fullgraph=True, dynamic=False)
+    try:
+        with torch.no_grad():
+            try:
+                fn(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+            except RuntimeError:
+                if not holder:  # a real tracing failure; the marker op raising after capture is expected
+                    raise
+    finally:
+        torch._dynamo.reset()
+    return holder[0]
+
+
+def parallelize(
+    model: torch.nn.Module,
+    *,
+    tp: int = 1,
+    cp: int = 1,
+    dp: int = 1,
+    combine: str = "all_to_all",
+    kv_interleave: int = 1,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    lowering: str = "inductor",
+    debug_dir: str | None = None,
+) -> torch.nn.Module:
+    """Compile `model` with cpcompile; returns the same model object, ready for `generate()`.
+
+    `max_length` is the most tokens (prompt + generated) one sequence may reach; the KV
+    cache is preallocated for it.
+    """
+    if getattr(model, "_cpcompile", None) is not None:
+        raise ValueError("parallelize: this model is already parallelized by cpcompile")
+    options = Options(tp=tp, cp=cp, dp=dp, combine=combine, kv_interleave=kv_interleave, lowering=lowering, debug_dir=debug_dir)
+    options.validate()
+    if max_length < 1:
+        raise ValueError(f"parallelize: max_length={max_length}; expected a positive number of tokens")
+    model.eval()
+    analysis = capture(model, options)  # validates the mesh; raises MeshError / AttentionError
+    backend = Backend(options)
+    state = ParallelState(options, max_length, analysis, backend, kv_shapes(model))
+    compiled = torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=False)
+
+    @functools.wraps(model.forward)
+    def forward(*args, **kwargs):
+        kwargs = _with_cpcompile_cache(model, state, args, kwargs)
+        return compiled(*args, **kwargs)
+
+    model.forward = forward
+    model._cpcompile = state
+    model.generation_config.disable_compile = True
+    return model
+
+
+def _with_cpcompile_cache(model, state: ParallelState, args: tuple, kwargs: dict) -> dict:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    batch, new_tokens = ref.shape[0], ref.shape[1]
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(model.config, "use_cache", True)
+    past = kwargs.get("past_key_values")
+    if past is None and not use_cache:
+        past = DynamicCache(config=model.config)  # an uncached forward: a fresh cache, dropped after
+    if past is None or (isinstance(past, DynamicCache) and past.get_seq_length() == 0):
+        cache = state.caches.get(past) if past is not None else None
+        if cache is None:
+            cache = KVCache(_num_layers(model), state.max_length, cp=state.options.cp, kv_interleave=state.options.kv_interleave)
+            cache.allocate_shapes(state.kv_shapes, batch, _device(model))
+            if past is not None:
+                state.caches[past] = cache
+            state.seen[cache] = 0
+        past = cache
+    if not isinstance(past, KVCache):
+        raise TypeError(
+            f"cpcompile: past_key_values is a {type(past).__name__} holding {past.get_seq_length()} tokens; a model "
+            "compiled by cpcompile keeps its KV in cpcompile.KVCache. Pass none (generate() makes one) or the "
+            "cache a previous call returned."
+        )
+    if past.layers[0].batch_size != batch:
+        raise ValueError(f"cpcompile: the KV cache was allocated for batch {past.layers[0].batch_size}, this call has {batch} rows")
+    seen = state.seen.get(past, 0)
+    if seen + new_tokens > state.max_length:
+        raise ValueError(
+            f"cpcompile: this step would take the sequence to {seen + new_tokens} tokens, past max_length="
+            f"{state.max_length} the KV cache was allocated for. Nothing was written. Pass a larger "
+            "max_length to cpcompile.parallelize (or generate fewer tokens)."
+        )
+    state.seen[past] = seen + new_tokens
+    kwargs["past_key_values"] = past
+    kwargs["use_cache"] = True
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] < state.max_length:
+        # Static shape: positions past the sequence are causally invisible anyway.
+        kwargs["attention_mask"] = torch.nn.functional.pad(mask, (0, state.max_length - mask.shape[1]))
+    return kwargs
+
+
+def _num_layers(model) -> int:
+    return model.config.get_text_config().num_hidden_layers
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device

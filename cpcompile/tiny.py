@@ -1,0 +1,84 @@
+"""Tiny configs of the Hugging Face architectures cpcompile supports, for tests, examples and
+benchmarks (no downloads: weights are seeded random).
+
+`tiny_model("llama")` builds `AutoModelForCausalLM.from_config(tiny_config("llama"))` under a
+fixed seed. Sizes are small but keep every structural feature: GQA, q/k norms, sliding
+window, softcaps, fused qkv/gate_up, partial rotary with parallel residual, MLA with
+`Dk != Dv` and MoE layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+_COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+
+
+def _configs() -> dict[str, transformers.PretrainedConfig]:
+    c = dict(_COMMON)
+    return {
+        "llama": transformers.LlamaConfig(**c),
+        "qwen2": transformers.Qwen2Config(**c),
+        "qwen3": transformers.Qwen3Config(**c, head_dim=16),
+        "mistral": transformers.MistralConfig(**c, sliding_window=8),
+        "gemma2": transformers.Gemma2Config(
+            **c, head_dim=16, sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0
+        ),
+        "phi3": transformers.Phi3Config(**c),
+        "gpt_neox": transformers.GPTNeoXConfig(
+            **{k: v for k, v in c.items() if k != "num_key_value_heads"}, rotary_pct=0.5, use_parallel_residual=True
+        ),
+        "deepseek_v3": transformers.DeepseekV3Config(
+            **{**c, "num_key_value_heads": 4},
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=24,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=16,
+            v_head_dim=12,
+        ),
+    }
+
+
+ARCHITECTURES = tuple(_configs())
+
+
+def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
+    configs = _configs()
+    if arch not in configs:
+        raise ValueError(f"tiny_config: unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    cfg = configs[arch]
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    cfg = tiny_config(arch, **overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        # HF's default init is small (std 0.02): widen it so logits are far from ties and
+        # greedy equality tests are meaningful.
+        for p in model.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
