@@ -1,5 +1,13 @@
-"""cpcompile: parallelize an unmodified Hugging Face decoder by compiling it."""
+"""cpcompile: parallelize an unmodified Hugging Face decoder by compiling it.
+
+Public surface: `parallelize`, `explain`, the `"cpcompile"` torch.compile backend, and
+`KVCache` (the sharded static cache, for driving a compiled forward by hand).
+"""
 
 from cpcompile import kernels as _kernels  # noqa: F401  (registers torch.ops.cpcompile.*)
+from cpcompile.cache import KVCache
+from cpcompile.explain import explain
+from cpcompile.parallelize import parallelize
 
 __version__ = "0.1.0"
+__all__ = ["KVCache", "explain", "parallelize"]

@@ -149,6 +149,8 @@ def insert_call(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict | N
     fake_args = fx.node.map_arg(args, val)
     fake_kwargs = fx.node.map_arg(kwargs or {}, val)
     fakes = [v for v in torch.utils._pytree.tree_leaves((fake_args, fake_kwargs)) if hasattr(v, "fake_mode")]
+    if not fakes:  # e.g. torch.arange: take the graph's fake mode from any node
+        fakes = [v for n in graph.nodes if hasattr(v := val(n), "fake_mode")][:1]
     if fakes:
         with fakes[0].fake_mode:
             out = target(*fake_args, **fake_kwargs)

@@ -77,7 +77,12 @@ def param_name(node: fx.Node) -> str:
     if node.op == "get_attr":
         return str(node.target)
     ga = node.meta.get("grapharg")
-    src = ga.source.name if ga is not None else node.name
+    if ga is None:  # Dynamo's placeholder name spells the path: l_self_modules_a_modules_b_parameters_weight_
+        name = re.sub(r"^[lL]_self_", "", node.name).rstrip("_")
+        for sep in ("_modules_", "_parameters_", "_buffers_"):
+            name = name.replace(sep, ".")
+        return re.sub(r"^(modules|parameters|buffers)_", "", name)
+    src = ga.source.name
     src = src() if callable(src) else src
     parts = re.findall(r"\['([^']+)'\]|\.(\w+)\b|\[(\d+)\]", src)
     names = [a or b or c for a, b, c in parts]

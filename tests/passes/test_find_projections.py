@@ -1,0 +1,48 @@
+import pytest
+
+from cpcompile.passes.find_attention import find_attention_sites
+from cpcompile.passes.find_projections import find_projections
+
+from tests.passes._graphs import hf_graph
+
+# Roles per layer, in graph order; read off the dataflow, never the names (the names
+# below are only how the test checks the answer).
+EXPECTED = {
+    "llama": {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+    "qwen3": {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+    "gemma2": {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+    "phi3": {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"},
+    "gpt_neox": {"query_key_value": "qkv", "attention.dense": "o", "dense_h_to_4h": "fc1", "dense_4h_to_h": "fc2"},
+    "deepseek_v3": {"q_a_proj": "q_down", "q_b_proj": "q", "kv_a_proj_with_mqa": "kv_down", "kv_b_proj": "kv_up", "o_proj": "o"},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED))
+def test_roles_by_dataflow(arch):
+    model, gm = hf_graph(arch)
+    roles = find_projections(gm, find_attention_sites(gm))
+    params = dict(model.named_parameters())
+    for p in roles.projections:
+        assert p.weight in params, p.weight  # names map back to real parameters
+        assert params[p.weight].shape == (p.out_features, p.in_features)
+    for layer in (0, 1):
+        got = {p.weight: p.role for p in roles.by_layer(layer)}
+        for fragment, role in EXPECTED[arch].items():
+            (name,) = [w for w in got if fragment in w]
+            assert got[name] == role, (name, got)
+    (head,) = [p for p in roles.projections if p.role == "lm_head"]
+    assert head.weight == "lm_head.weight" and head.layer == -1
+
+
+def test_deepseek_moe_layer_is_left_replicated():
+    _, gm = hf_graph("deepseek_v3")
+    roles = find_projections(gm, find_attention_sites(gm))
+    moe = [p for p in roles.by_layer(1) if p.role == "ffn_other"]
+    assert {p.weight.split(".mlp.")[1] for p in moe} == {
+        "gate.weight",
+        "shared_experts.gate_proj.weight",
+        "shared_experts.up_proj.weight",
+        "shared_experts.down_proj.weight",
+    }
+    dense = {p.role for p in roles.by_layer(0)}
+    assert {"gate", "up", "down"} <= dense
