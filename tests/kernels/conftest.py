@@ -12,17 +12,17 @@ if not torch.cuda.is_available():
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Bounded example counts keep the suite (interpreter included) within a few minutes on a
-# 2-core CPU; CI runs derandomized so failures reproduce.
-settings.register_profile(
-    "kernels",
-    max_examples=25,
+# 2-core CPU; CI (CI=true) runs derandomized so failures reproduce. For a longer search:
+# HYPOTHESIS_PROFILE=kernels-thorough python -m pytest tests/kernels (a debug switch).
+_common = dict(
     deadline=None,
     derandomize=os.environ.get("CI", "").lower() == "true",
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-settings.load_profile("kernels")
-
+settings.register_profile("kernels", max_examples=25, **_common)
+settings.register_profile("kernels-thorough", max_examples=400, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "kernels"))
 
 def pytest_configure(config):
     # exp(x) = exp2(x * LOG2E) of HF's finfo.min bias overflows to -inf (-> weight 0, the

@@ -1,6 +1,7 @@
 """attention_with_lse: the torch implementation and the Triton kernels vs the fp64 reference."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -188,3 +189,86 @@ def test_opcheck():
     c = make_case(B=2, Hkv=2, G=2, Lq=2, S=30, Dk=16, Dv=8, mask="bool", softcap=3.0, window=12)
     torch.library.opcheck(torch.ops.cpcompile.attention_with_lse.default, c.args(),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# --- properties vs the fp64 reference ---------------------------------------------------
+
+
+@st.composite
+def cases(draw):
+    """Shapes, positions and options over the ranges the ops must handle."""
+    S = draw(st.one_of(st.just(0), st.integers(1, 15), st.integers(16, 130), st.integers(131, 600)))
+    cp = draw(st.integers(1, 4))
+    params = dict(
+        B=draw(st.integers(1, 4)), Hkv=draw(st.integers(1, 4)), G=draw(st.integers(1, 8)),
+        Lq=draw(st.integers(1, 16)), S=S,
+        **dict(zip(("Dk", "Dv"), draw(st.sampled_from([(16, 16), (32, 16), (24, 40), (64, 64), (8, 72)])))),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        positions=draw(st.sampled_from(["decode", "chunked", "random"])),
+        cp=cp, cp_rank=draw(st.integers(0, cp - 1)), kv_interleave=draw(st.integers(1, 3)),
+        empty_slots=draw(st.integers(0, S // 3)),
+        mask=draw(st.sampled_from([None, "bool", "additive"])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 0.7, 50.0])),
+        window=draw(st.sampled_from([0, 0, 1, 5, 64])),
+        strided=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+    )
+    return params
+
+
+@given(params=cases())
+def test_torch_matches_reference(params):
+    case = make_case(**params)
+    run_and_check("torch", case, params["dtype"], what=str(params))
+
+
+@given(params=cases(), tiling=st.sampled_from(["default", "forced"]), splits=st.integers(2, 5))
+def test_triton_matches_reference(params, tiling, splits):
+    case = make_case(**params)
+    p = params
+    # Forced small tiles and several splits, when the interpreter can afford the iterations.
+    iters = p["B"] * p["Hkv"] * math.ceil(p["G"] * p["Lq"] / 16) * math.ceil(p["S"] / 32)
+    kw = dict(num_splits=splits, block_n=32, block_m=16) if tiling == "forced" and iters <= 200 else {}
+    out = triton_launch.attention_with_lse(*case.args(), **kw)
+    assert_attention_close(out, attention_with_lse_ref(*case.args()), p["dtype"], what=f"triton {kw} {p}")
+
+
+# --- launcher details -------------------------------------------------------------------
+
+
+def test_split_heuristic_fills_an_h100_for_decode():
+    # Decode, D=128 (64-slot blocks), 132 SMs: enough programs for >= 2 waves and >= 2
+    # blocks per split, never more splits than blocks allow.
+    sms = 132
+    for B, Hkv, S in [(1, 8, 4096), (1, 8, 131072), (8, 8, 32768), (32, 8, 131072), (1, 1, 128)]:
+        blocks = math.ceil(S / 64)
+        splits = triton_launch.choose_num_splits(blocks, B * Hkv, sms)
+        assert 1 <= splits <= blocks // 2 or blocks < 2
+        if blocks >= 2 * 2 * sms:  # long shards: the GPU is filled
+            assert B * Hkv * splits >= 2 * sms, (B, Hkv, S, splits)
+    assert triton_launch.choose_num_splits(0, 8, sms) == 1
+    assert triton_launch.choose_num_splits(1000, 4096, sms) == 1  # plenty of programs already
+
+
+def test_cuda_kernel_body_runs_the_triton_launcher():
+    # The function registered for CUDA, called on this device's tensors (interpreter on CPU).
+    from cpcompile.kernels.attention import _attention_with_lse_cuda
+    from cpcompile.kernels.merge import _merge_states_cuda
+
+    case = make_case(B=2, Hkv=2, G=2, Lq=2, S=50, mask="bool")
+    out = _attention_with_lse_cuda(*case.args())
+    assert_attention_close(out, attention_with_lse_ref(*case.args()), torch.float32, "cuda body")
+    o, lse = torch.stack([out[0], out[0]]), torch.stack([out[1], out[1]])
+    om, lm = _merge_states_cuda(o, lse)
+    assert_close(om, out[0], what="merge o", **TOL[torch.float32])
+    assert_close(lm, out[1] + math.log(2), what="merge lse", **TOL[torch.float32])
+
+
+def test_missing_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(triton_launch, "_tk", None)
+    monkeypatch.setattr(triton_launch, "_TRITON_IMPORT_ERROR", ImportError("No module named 'triton'"), raising=False)
+    case = make_case(S=4)
+    with pytest.raises(RuntimeError, match="attention_with_lse: the CUDA path needs Triton"):
+        triton_launch.attention_with_lse(*case.args())
+    # The CPU path does not need Triton.
+    assert_attention_close(attention_with_lse_torch(*case.args()), attention_with_lse_ref(*case.args()),
+                           torch.float32, "torch")

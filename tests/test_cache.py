@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from cpcompile import KVCache
+from cpcompile.cache import CacheLayout
+from cpcompile.tiny import tiny_model
+
+
+def test_layout_slots_and_sink():
+    assert CacheLayout(10, cp=1).local_slots == 10
+    assert CacheLayout(10, cp=4).local_slots == 3  # ceil(10 / 4)
+    assert CacheLayout(10, cp=2, kv_interleave=3).local_slots == 6  # ceil(10 / 6) * 3
+    cache = KVCache(2, 10, cp=4, cp_rank=1).allocate(tiny_model("llama"), batch_size=3)
+    layer = cache.layers[0]
+    assert layer.keys.shape == (3, 2, 3 + 1, 16)  # [B, Hkv, S_local + sink, Dk]
+    assert torch.equal(layer.slot_pos, torch.full((4,), -1))
+    assert cache.kv_bytes() == 2 * 2 * (3 * 2 * 4 * 16) * 4
+
+
+def test_deepseek_latent_cache_has_unequal_head_dims():
+    cache = KVCache(2, 8).allocate(tiny_model("deepseek_v3"), batch_size=1)
+    assert cache.layers[0].keys.shape[-1] == 16 and cache.layers[0].values.shape[-1] == 8  # latent, rope key
+
+
+def test_reading_the_cache_outside_cpcompile_is_an_error():
+    model = tiny_model("llama")
+    cache = KVCache(2, 16).allocate(model, 1)
+    with pytest.raises(RuntimeError, match="did not rewrite"):
+        with torch.no_grad():
+            model(torch.ones(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_length=0), "max_length=0"),
+    (dict(max_length=8, cp=2, cp_rank=2), "cp_rank=2 is outside 0..1"),
+    (dict(max_length=8, kv_interleave=0), "kv_interleave=0"),
+])
+def test_bad_cache_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KVCache(2, **kwargs)
