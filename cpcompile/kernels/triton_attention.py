@@ -15,9 +15,27 @@ when the max is ``-inf``.
 import triton
 import triton.language as tl
 
+# Reductions and zero-fills use core builtins only: tl.reduce with triton.language.standard's
+# own combine functions (what tl.max / tl.sum call), tl.full instead of tl.zeros. The @jit
+# wrappers tl.max / tl.sum / tl.zeros are interpretable only if triton was imported after
+# TRITON_INTERPRET=1 was set, and torch._dynamo imports triton early; the interpreter also
+# recognises these combine functions and reduces with numpy. Same code on the GPU.
+
 LOG2E: tl.constexpr = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 LN2: tl.constexpr = 0.6931471805599453  # log(x) = log2(x) * LN2
 NEG_INF: tl.constexpr = float("-inf")
+
+
+@triton.jit
+def row_max(x):
+    """[M, N] -> [M]"""
+    return tl.reduce(x, 1, tl.standard._elementwise_max)
+
+
+@triton.jit
+def row_sum(x):
+    """[M, N] -> [M]"""
+    return tl.reduce(x, 1, tl.standard._sum_combine)
 
 
 @triton.jit
@@ -60,11 +78,11 @@ def softmax_block_update(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr, UPCAS
     s [M, N] the block's logits, -inf where invisible, v [N, Dv] the block's values.
     A wholly invisible block (or row) leaves the state unchanged.
     """
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, row_max(s))
     m_sub = safe_max(m_new)
     alpha = exp(m_i - m_sub)  # [M]; 0 when m_i = -inf
     p = exp(s - m_sub[:, None])  # [M, N]; 0 where invisible
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    l_i = l_i * alpha + row_sum(p)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, UPCAST)  # p rounded to v's dtype
     return m_new, l_i, acc
 
@@ -146,8 +164,8 @@ def attention_split_kernel(
     pq = tl.load(pos_q_ptr + b * stride_pqb + t * stride_pqt, mask=row_ok, other=-1)  # [M]; -1 sees nothing
 
     m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
 
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
     v_base = v_ptr + b * stride_vb + hkv * stride_vh
@@ -228,8 +246,8 @@ def merge_states_kernel(
     lse_off = b * stride_lb + h * stride_lh + l * stride_ll  # [ROWS]
 
     m = tl.full([BLOCK_ROWS], NEG_INF, tl.float32)
-    s = tl.zeros([BLOCK_ROWS], tl.float32)
-    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
+    s = tl.full([BLOCK_ROWS], 0.0, tl.float32)
+    acc = tl.full([BLOCK_ROWS, BLOCK_D], 0.0, tl.float32)
     l_r = tl.full([BLOCK_ROWS], 1.0, tl.float32)
     for r in range(R):
         lse_r = tl.load(lse_ptr + lse_off + r * stride_lr, mask=row_ok, other=NEG_INF)
