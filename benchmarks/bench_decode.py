@@ -1,0 +1,306 @@
+"""CPU decode-step benchmark: HF eager vs plain torch.compile vs cpcompile, side by side.
+
+    python benchmarks/bench_decode.py                      # defaults: prompt 512, batch 4
+    python benchmarks/bench_decode.py --steps 64 --reps 5 --json /tmp/decode.json
+
+A small Llama (random seeded weights, fp32, eval) is built from a `LlamaConfig`; three
+contenders run the *same* shapes (same batch, prompt, static max length):
+
+  hf-eager        the model with HF's `StaticCache`, no compile
+  torch.compile   `torch.compile(model.forward, fullgraph=True, dynamic=False)` (Inductor)
+                  with HF's `StaticCache` -- the standard HF static-cache compile recipe
+  cpcompile       a deep copy, `cpcompile.parallelize(m, max_length=..., lowering="inductor")`
+                  (tp = cp = 1); its wrapper installs cpcompile's own static `KVCache`
+
+Every decode step is a forward of one new token per row, greedy (argmax) next token,
+`logits_to_keep=1` (what `generate()` passes), with a 2D attention mask. The 2D mask is
+given **padded to the static max length** (zeros past the sequence) to all three
+contenders: without it plain torch.compile would see a new mask shape each step and
+recompile (cpcompile's wrapper pads it to max_length anyway; HF's masking treats the zero
+tail as padding, so semantics are unchanged). The benchmark asserts that no contender
+compiles anything during the timed steps.
+
+Noise control: the machines are noisy, so repetitions are interleaved. Each repetition
+prefills a fresh cache for every contender (untimed), then for each decode step runs the
+three contenders one after another (rotating the order per step); the reported number is
+the median over all timed steps of all repetitions.
+
+"compile s" is the wall time of the first prefill + first decode call of each contender
+(for the compiled ones this includes Dynamo + Inductor compilation; for eager it is just
+two forwards). cpcompile's `parallelize()` itself (one capture trace + a shape probe) is
+reported separately as `setup_s` in the JSON and in a footnote line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+# Cold compile by default: Inductor's on-disk caches (FX graph cache, autotune) would otherwise make
+# "compile s" of a second run a fraction of the first. --warm-cache keeps the user's cache dir.
+if "--warm-cache" not in sys.argv and __name__ == "__main__":
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_decode_inductor_")
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens per row")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per repetition")
+    p.add_argument("--warmup", type=int, default=4, help="untimed decode steps per repetition, before the timed ones")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (fresh prefill each), interleaved across contenders")
+    p.add_argument("--max-length", type=int, default=0, help="static cache length; default prompt + warmup + steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma list of contenders to run (hf-eager,torch.compile,cpcompile)")
+    p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk compile caches (default: a fresh empty cache dir, so 'compile s' is a cold compile)")
+    p.add_argument("--json", metavar="PATH", default="", help="write the numbers here")
+    return p.parse_args(argv)
+
+
+def build_model(a):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=max(4096, a.max_length),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(a.seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model.eval()
+
+
+class Contender:
+    """One way of running the model: `new_cache()` and `step(ids, mask, cache) -> (logits, cache)`."""
+
+    name: str
+
+    def __init__(self, name, model, fn, a, static_cache: bool):
+        self.name, self.model, self.fn, self.a, self.static_cache = name, model, fn, a, static_cache
+        self.compile_s = float("nan")
+        self.times: list[float] = []
+        self.rep_medians: list[float] = []
+        self.tokens: list[torch.Tensor] = []  # per rep: [B, steps] greedy tokens of the timed steps
+        self.cache = None
+
+    def new_cache(self):
+        if not self.static_cache:
+            return None  # cpcompile: the wrapper allocates its KVCache on the first call
+        from transformers import StaticCache
+
+        cfg = self.model.config
+        cache = StaticCache(config=cfg, max_cache_len=self.a.max_length)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cache.early_initialization(self.a.batch, cfg.num_key_value_heads, head_dim, torch.float32, torch.device("cpu"))
+        return cache
+
+    def forward(self, ids, mask, cache):
+        out = self.fn(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if not a.max_length:
+        a.max_length = a.prompt + a.warmup + a.steps
+    if a.max_length < a.prompt + a.warmup + a.steps:
+        sys.exit(f"--max-length {a.max_length} < prompt + warmup + steps = {a.prompt + a.warmup + a.steps}")
+
+    import transformers
+
+    from cpcompile.parallelize import parallelize
+
+    threads = torch.get_num_threads()
+    print(f"CPU decode benchmark -- device: CPU ({cpu_model()}, {os.cpu_count()} logical cores), "
+          f"torch {torch.__version__} (threads={threads}), transformers {transformers.__version__}, python {platform.python_version()}")
+    print(f"model: Llama layers={a.layers} hidden={a.hidden} intermediate={a.intermediate} heads={a.heads} "
+          f"kv_heads={a.kv_heads} vocab={a.vocab} fp32 | batch={a.batch} prompt={a.prompt} max_length={a.max_length} "
+          f"| {a.reps} reps x ({a.warmup} warmup + {a.steps} timed) decode steps, interleaved")
+    print(f"inductor cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default (warm)')}")
+
+    base = build_model(a)
+    cp_model = copy.deepcopy(base)
+
+    # cpcompile first: parallelize() calls torch._dynamo.reset() after its capture trace, which
+    # would throw away any compiled code made before it.
+    t0 = time.perf_counter()
+    parallelize(cp_model, max_length=a.max_length, lowering="inductor")
+    setup_s = time.perf_counter() - t0
+
+    compiled = torch.compile(base.forward, fullgraph=True, dynamic=False)
+    contenders = [
+        Contender("hf-eager", base, base.forward, a, static_cache=True),
+        Contender("torch.compile", base, compiled, a, static_cache=True),
+        Contender("cpcompile", cp_model, cp_model.forward, a, static_cache=False),
+    ]
+    if a.only:
+        keep = set(a.only.split(","))
+        contenders = [c for c in contenders if c.name in keep]
+
+    g = torch.Generator().manual_seed(a.seed + 1)
+    B, P, L = a.batch, a.prompt, a.max_length
+
+    def fresh_inputs():
+        prompt = torch.randint(0, a.vocab, (B, P), generator=g)
+        mask = torch.zeros(B, L, dtype=torch.long)
+        mask[:, :P] = 1
+        return prompt, mask
+
+    # Compile: first prefill + first decode of each contender, on a throwaway cache.
+    with torch.no_grad():
+        prompt, mask = fresh_inputs()
+        for c in contenders:
+            m = mask.clone()
+            t0 = time.perf_counter()
+            logits, cache = c.forward(prompt, m, c.new_cache())
+            nxt = logits.argmax(-1, keepdim=True)
+            m[:, P] = 1
+            logits, cache = c.forward(nxt, m, cache)
+            logits.argmax(-1)
+            c.compile_s = time.perf_counter() - t0
+            print(f"  compiled {c.name:<14} {c.compile_s:7.1f} s", flush=True)
+
+        graphs_before = graphs_compiled()
+        ref_gaps = []  # top-1 minus top-2 logit of the first contender, per timed step (near-tie check)
+        for rep in range(a.reps):
+            prompt, mask = fresh_inputs()
+            nxt = {}
+            for c in contenders:
+                logits, c.cache = c.forward(prompt, mask, c.new_cache())  # prefill, untimed
+                nxt[c.name] = logits.argmax(-1, keepdim=True)
+            rep_times = {c.name: [] for c in contenders}
+            rep_tokens = {c.name: [] for c in contenders}
+            for i in range(a.warmup + a.steps):
+                mask[:, P + i] = 1
+                k = (i + rep) % len(contenders)
+                for c in contenders[k:] + contenders[:k]:  # rotate who goes first
+                    t0 = time.perf_counter()
+                    logits, c.cache = c.forward(nxt[c.name], mask, c.cache)
+                    tok = logits.argmax(-1, keepdim=True)
+                    dt = time.perf_counter() - t0
+                    nxt[c.name] = tok
+                    if i >= a.warmup:
+                        rep_times[c.name].append(dt)
+                        rep_tokens[c.name].append(tok)
+                        if c is contenders[0]:
+                            top2 = logits.topk(2, dim=-1).values
+                            ref_gaps.append((top2[:, 0] - top2[:, 1]).min().item())
+            for c in contenders:
+                c.times += rep_times[c.name]
+                c.rep_medians.append(statistics.median(rep_times[c.name]))
+                c.tokens.append(torch.cat(rep_tokens[c.name], dim=1))
+            print(f"  rep {rep + 1}/{a.reps}: " + "  ".join(f"{c.name} {1e3 * c.rep_medians[-1]:.2f} ms" for c in contenders), flush=True)
+        recompiles = graphs_compiled() - graphs_before
+
+    # Correctness: greedy tokens over the timed steps must agree.
+    ref = contenders[0]
+    mismatches = {}
+    for c in contenders[1:]:
+        bad = []
+        for rep, (t_ref, t_c) in enumerate(zip(ref.tokens, c.tokens)):
+            diff = (t_ref != t_c).nonzero()
+            if len(diff):
+                row, step = diff[0].tolist()
+                bad.append({"rep": rep, "row": row, "step": step, "n_diff": int(len(diff))})
+        mismatches[c.name] = bad
+
+    med = {c.name: statistics.median(c.times) for c in contenders}
+    tc = med.get("torch.compile")
+    eg = med.get("hf-eager")
+    print()
+    print(f"CPU decode, {B} rows x 1 token per step, prompt {P}, static max_length {L} "
+          f"({torch.get_num_threads()} threads, {cpu_model()})")
+    hdr = f"{'contender':<15}| {'compile s':>9} | {'decode ms/token (median)':>24} | {'vs torch.compile':>16} | {'vs HF eager':>11}"
+    print(hdr)
+    print("-" * len(hdr))
+    for c in contenders:
+        r_tc = f"{med[c.name] / tc:.2f}x" if tc else "n/a"
+        r_eg = f"{med[c.name] / eg:.2f}x" if eg else "n/a"
+        print(f"{c.name:<15}| {c.compile_s:>9.1f} | {1e3 * med[c.name]:>24.2f} | {r_tc:>16} | {r_eg:>11}")
+    print(f"(ms/token = wall time of one decode step for all {B} rows; per-row cost is that / {B}. "
+          f"cpcompile parallelize() setup, not in 'compile s': {setup_s:.1f} s)")
+    print(f"recompiles during timed steps: {recompiles}" + ("" if recompiles == 0 else "  <-- shapes are not static!"))
+    min_gap = min(ref_gaps) if ref_gaps else float("nan")
+    for name, bad in mismatches.items():
+        if bad:
+            print(f"TOKEN MISMATCH: {name} vs {ref.name}: {bad} (smallest top-1/top-2 logit gap of {ref.name}: {min_gap:.2e})")
+        else:
+            print(f"tokens: {name} matches {ref.name} on all {a.reps * a.steps} timed steps x {B} rows")
+    goal = None
+    if tc and "cpcompile" in med:
+        ratio = med["cpcompile"] / tc
+        goal = ratio <= 1.10
+        print(f"goal: cpcompile decode <= 1.10x plain torch.compile: {'MET' if goal else 'NOT MET'} ({ratio:.2f})")
+
+    if a.json:
+        out = {
+            "device": "CPU",
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "args": vars(a),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "cpcompile_setup_s": setup_s,
+            "recompiles_during_timed_steps": recompiles,
+            "min_ref_logit_gap": min_gap,
+            "token_mismatches": mismatches,
+            "goal_met": goal,
+            "contenders": {
+                c.name: {
+                    "compile_s": c.compile_s,
+                    "decode_ms_median": 1e3 * med[c.name],
+                    "decode_ms_rep_medians": [1e3 * x for x in c.rep_medians],
+                    "decode_ms_all": [1e3 * x for x in c.times],
+                    "ratio_vs_torch_compile": med[c.name] / tc if tc else None,
+                    "ratio_vs_hf_eager": med[c.name] / eg if eg else None,
+                }
+                for c in contenders
+            },
+        }
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
