@@ -1,0 +1,156 @@
+"""Decode attention benchmark: torch.ops.cpcompile.attention_with_lse vs PyTorch SDPA.
+
+    python benchmarks/bench_attention.py                 # CUDA if available, else CPU
+    python benchmarks/bench_attention.py --device cpu --json out.json
+
+CUDA: Lq=1, bf16, Hkv=8, Hq 32/64, D=128, B 1/8/32, local S 4K..128K (shapes that do not
+fit in memory are skipped). Each op is timed with CUDA events after warm-up (median of
+--iters). Achieved bandwidth counts the bytes the op must move, K+V+Q+O, and is compared
+with the device's copy bandwidth measured in the same run (a large device-to-device copy,
+timed the same way, counting read + write). Target: >= 85% of copy bandwidth for S >= 32K.
+
+CPU: the pure-torch path on the same shapes scaled down (B 1/4, S 1K..8K, fp32), wall
+clock (median of --iters), beside SDPA and the host's memcpy bandwidth. Under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cpcompile  # noqa: F401  (registers torch.ops.cpcompile.*)
+
+TARGET_FRACTION = 0.85  # of copy bandwidth, for S >= TARGET_MIN_S
+TARGET_MIN_S = 32 * 1024
+
+
+def time_op(fn, device: str, warmup: int, iters: int) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int, warmup: int, iters: int) -> float:
+    """Bytes/s of a large copy (read + write), timed like the ops."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_op(lambda: dst.copy_(src), device, warmup, iters)
+    return 2 * nbytes / t
+
+
+def fits(device: str, nbytes: int) -> bool:
+    if device != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info()
+    return nbytes < 0.7 * free
+
+
+def bench_shape(device, dtype, B, Hq, Hkv, S, D, warmup, iters):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(B, Hq, 1, D, dtype=dtype, device=device, generator=g)
+    k = torch.randn(B, Hkv, S, D, dtype=dtype, device=device, generator=g)
+    v = torch.randn(B, Hkv, S, D, dtype=dtype, device=device, generator=g)
+    pos_q = torch.full((B, 1), S, device=device)  # the new token; every slot is visible
+    pos_kv = torch.arange(S, device=device).expand(B, S)
+    scale = 1.0 / math.sqrt(D)
+
+    def ours():
+        return torch.ops.cpcompile.attention_with_lse(q, k, v, pos_q, pos_kv, scale)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+
+    err = (ours()[0].float() - sdpa().float()).abs().max().item()
+    t_ours = time_op(ours, device, warmup, iters)
+    try:
+        t_sdpa = time_op(sdpa, device, warmup, iters)
+    except torch.OutOfMemoryError:
+        t_sdpa = float("nan")
+    nbytes = (k.numel() + v.numel() + 2 * q.numel()) * k.element_size()  # K + V + Q + O
+    return dict(B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, dtype=str(dtype).removeprefix("torch."),
+                ours_s=t_ours, sdpa_s=t_sdpa, bytes=nbytes, ours_bytes_per_s=nbytes / t_ours,
+                max_abs_diff_vs_sdpa=err)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per op (median)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+    if device == "cuda":
+        dtype, Bs, Ss = torch.bfloat16, (1, 8, 32), [4096 * 2**i for i in range(6)]  # 4K..128K
+        warmup, iters = args.warmup or 10, args.iters or 50
+        copy_bytes, name = 2 << 30, torch.cuda.get_device_name()
+    else:
+        dtype, Bs, Ss = torch.float32, (1, 4), [1024 * 2**i for i in range(4)]  # 1K..8K
+        warmup, iters = args.warmup or 2, args.iters or 5
+        copy_bytes, name = 256 << 20, f"CPU ({torch.get_num_threads()} threads)"
+    copy_bw = copy_bandwidth(device, copy_bytes, warmup, iters)
+
+    print(f"# attention_with_lse decode benchmark on {device.upper()}: {name}; torch {torch.__version__}")
+    print(f"# Lq=1, {str(dtype).removeprefix('torch.')}, Hkv=8, D=128; copy bandwidth {copy_bw / 1e9:.1f} GB/s"
+          f" (read+write, {copy_bytes >> 20} MiB); median of {iters} after {warmup} warm-up")
+    header = f"{'B':>3} {'Hq':>3} {'S':>7} {'ours':>10} {'GB/s':>8} {'%copy':>6} {'sdpa':>10} {'sdpa/ours':>9} {'maxdiff':>8}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for Hq in (32, 64):
+        for B in Bs:
+            for S in Ss:
+                kv_bytes = 2 * B * 8 * S * 128 * torch.finfo(dtype).bits // 8
+                if not fits(device, 3 * kv_bytes):  # K, V, and room for SDPA's working set
+                    print(f"{B:>3} {Hq:>3} {S:>7}  skipped: {kv_bytes / 2**30:.1f} GiB of KV does not fit")
+                    continue
+                r = bench_shape(device, dtype, B, Hq, 8, S, 128, warmup, iters)
+                r["fraction_of_copy_bw"] = r["ours_bytes_per_s"] / copy_bw
+                rows.append(r)
+                print(f"{B:>3} {Hq:>3} {S:>7} {r['ours_s'] * 1e3:>8.3f}ms {r['ours_bytes_per_s'] / 1e9:>8.1f} "
+                      f"{100 * r['fraction_of_copy_bw']:>5.1f}% {r['sdpa_s'] * 1e3:>8.3f}ms "
+                      f"{r['sdpa_s'] / r['ours_s']:>9.2f} {r['max_abs_diff_vs_sdpa']:>8.1e}")
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+
+    summary = {}
+    if device == "cuda":
+        long = [r for r in rows if r["S"] >= TARGET_MIN_S]
+        worst = min((r["fraction_of_copy_bw"] for r in long), default=float("nan"))
+        met = bool(long) and worst >= TARGET_FRACTION
+        summary = dict(target_fraction=TARGET_FRACTION, target_min_S=TARGET_MIN_S, worst_fraction=worst, met=met)
+        print(f"# target >= {TARGET_FRACTION:.0%} of copy bandwidth for S >= {TARGET_MIN_S // 1024}K: "
+              f"{'MET' if met else 'NOT MET'} (worst {worst:.1%})")
+    else:
+        print("# CPU: the pure-torch path (Triton runs only on CUDA); %copy is against host memcpy")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device, device_name=name, torch=torch.__version__, dtype=str(dtype),
+                           copy_bytes_per_s=copy_bw, rows=rows, summary=summary), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
