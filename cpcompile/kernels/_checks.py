@@ -37,7 +37,8 @@ def check_attention_args(q, k, v, pos_q, pos_kv, scale, softcap, window, mask) -
     B, Hq, Lq, Dk = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if k.shape[0] != B or k.shape[3] != Dk:
-        _fail(op, f"k has shape {_shape(k)} but q has B={B}, Dk={Dk}; expected k [B={B}, Hkv, S, Dk={Dk}]")
+        found = f"Dk={Dk}" if k.shape[0] == B else f"B={B}" if k.shape[3] == Dk else f"B={B}, Dk={Dk}"
+        _fail(op, f"k has shape {_shape(k)} but q has {found}; expected k [B={B}, Hkv, S, Dk={Dk}]")
     if v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != S:
         _fail(op, f"v has shape {_shape(v)} but k has shape {_shape(k)}; "
                   f"expected v [B={B}, Hkv={Hkv}, S={S}, Dv]")

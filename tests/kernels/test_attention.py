@@ -126,7 +126,8 @@ def _good():
     "mutate,needle",
     [
         (lambda c: setattr(c, "k", torch.zeros(2, 3, 10, 64, device=DEVICE)),
-         "k has shape (2, 3, 10, 64) but q has B=2, Dk=32; expected k [B=2, Hkv, S, Dk=32]"),
+         "k has shape (2, 3, 10, 64) but q has Dk=32; expected k [B=2, Hkv, S, Dk=32]"),
+        (lambda c: setattr(c, "k", c.k[:1]), "k has shape (1, 2, 10, 32) but q has B=2; expected k [B=2, Hkv, S, Dk=32]"),
         (lambda c: setattr(c, "q", c.q[0]), "q has shape (4, 3, 32) (ndim 3)"),
         (lambda c: setattr(c, "v", c.v[:, :, :9]), "v has shape (2, 2, 9, 16) but k has shape (2, 2, 10, 32)"),
         (lambda c: setattr(c, "q", torch.zeros(2, 3, 3, 32, device=DEVICE)), "Hq=3 heads and k has Hkv=2"),
