@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from cpcompile.options import Options
-from cpcompile.passes import PassReport, run_passes
+from cpcompile.passes import Parallel, PassReport, run_passes
 
 _graph_ids = itertools.count()
 
@@ -24,18 +24,20 @@ _graph_ids = itertools.count()
 class Backend:
     """A backend instance with its settings; keeps the pass report of every graph it compiled."""
 
-    def __init__(self, options: Options | dict | None = None):
+    def __init__(self, options: Options | dict | None = None, parallel: Parallel | None = None):
         self.options = options if isinstance(options, Options) else Options.from_dict(options)
-        if self.options.tp * self.options.cp * self.options.dp != 1:
-            o = self.options
+        o = self.options
+        if o.tp * o.cp * o.dp != 1 and parallel is None:
             raise ValueError(
-                f"cpcompile: tp={o.tp}, cp={o.cp}, dp={o.dp} — this version rewrites single-device graphs "
-                "only; the distributed rewrite is not part of it yet. Use tp = cp = dp = 1."
+                f"cpcompile: tp={o.tp}, cp={o.cp}, dp={o.dp} through the backend string needs the weight shards "
+                "and process groups that cpcompile.parallelize(model, tp=..., cp=...) sets up; use parallelize "
+                "for a parallel model (the backend alone rewrites single-device graphs)."
             )
+        self.parallel = parallel
         self.reports: list[PassReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **_) -> Callable:
-        self.reports.append(run_passes(gm, self.options, next(_graph_ids)))
+        self.reports.append(run_passes(gm, self.options, next(_graph_ids), self.parallel))
         return lower(gm, example_inputs, self.options.lowering)
 
 

@@ -41,11 +41,24 @@ class CacheLayout:
     cp: int = 1
     cp_rank: int = 0
     kv_interleave: int = 1
+    tp: int = 1
+    tp_rank: int = 0
 
     @property
     def local_slots(self) -> int:
+        if self.cp == 1:
+            return self.max_length
         block = self.cp * self.kv_interleave
         return math.ceil(self.max_length / block) * self.kv_interleave
+
+    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
+        """[start, stop) of the KV heads this TP rank keeps: Hkv/tp of them, or, when tp > Hkv,
+        the one head its query heads read (DESIGN.md section 2)."""
+        if self.tp <= num_kv_heads:
+            per = num_kv_heads // self.tp
+            return self.tp_rank * per, (self.tp_rank + 1) * per
+        h = self.tp_rank // (self.tp // num_kv_heads)
+        return h, h + 1
 
 
 _READ_OUTSIDE_CPCOMPILE = (
@@ -58,17 +71,18 @@ _READ_OUTSIDE_CPCOMPILE = (
 
 @torch.library.custom_op("cpcompile::kv_cache_read", mutates_args=())
 def kv_cache_read(
-    keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor, pos_new: torch.Tensor, max_length: int
+    keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor, pos_new: torch.Tensor, max_length: int, num_heads: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Marker: 'attention reads this layer's cache as [B, H, max_length, D]'. Never executes."""
+    """Marker: 'attention reads this layer's cache as [B, num_heads, max_length, D]' (global
+    heads and length: the single-device view). Never executes."""
     raise RuntimeError(_READ_OUTSIDE_CPCOMPILE)
 
 
 @kv_cache_read.register_fake
-def _(keys, values, slot_pos, pos_new, max_length):
-    b, h, _, dk = keys.shape
+def _(keys, values, slot_pos, pos_new, max_length, num_heads):
+    b, _, _, dk = keys.shape
     dv = values.shape[-1]
-    return keys.new_empty(b, h, max_length, dk), values.new_empty(b, h, max_length, dv)
+    return keys.new_empty(b, num_heads, max_length, dk), values.new_empty(b, num_heads, max_length, dv)
 
 
 class KVCacheLayer(CacheLayerMixin):
@@ -85,8 +99,11 @@ class KVCacheLayer(CacheLayerMixin):
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """`key_states`/`value_states` carry the model's global KV heads; this rank keeps its TP share."""
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.batch_size, self.global_heads = key_states.shape[:2]
+        self.head_range = self.layout.kv_heads(self.global_heads)
+        self.num_heads = self.head_range[1] - self.head_range[0]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         n = self.layout.local_slots + 1  # + the sink slot
         self.keys = torch.zeros(self.batch_size, self.num_heads, n, self.k_head_dim, dtype=self.dtype, device=self.device)
@@ -106,11 +123,14 @@ class KVCacheLayer(CacheLayerMixin):
         pos_new = torch.arange(n_new, device=self.device) + self.cumulative_length  # [T] global positions
         mine = owner_rank(pos_new, lay.cp, lay.kv_interleave) == lay.cp_rank
         dest = torch.where(mine, local_slot(pos_new, lay.cp, lay.kv_interleave), lay.local_slots)  # [T]
+        h0, h1 = self.head_range
+        if (h0, h1) != (0, self.global_heads):  # this TP rank's KV heads only
+            key_states, value_states = key_states[:, h0:h1], value_states[:, h0:h1]
         self.keys.index_copy_(2, dest, key_states.to(self.dtype))
         self.values.index_copy_(2, dest, value_states.to(self.dtype))
         self.slot_pos.index_copy_(0, dest, pos_new)
         self.cumulative_length.add_(n_new)
-        return torch.ops.cpcompile.kv_cache_read(self.keys, self.values, self.slot_pos, pos_new, lay.max_length)
+        return torch.ops.cpcompile.kv_cache_read(self.keys, self.values, self.slot_pos, pos_new, lay.max_length, self.global_heads)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.layout.max_length, 0
@@ -141,14 +161,26 @@ class KVCache(Cache):
     allocated on the first write (batch size, heads, head dims and dtype come from the model).
     """
 
-    def __init__(self, num_layers: int, max_length: int, *, cp: int = 1, cp_rank: int = 0, kv_interleave: int = 1):
+    def __init__(
+        self,
+        num_layers: int,
+        max_length: int,
+        *,
+        cp: int = 1,
+        cp_rank: int = 0,
+        kv_interleave: int = 1,
+        tp: int = 1,
+        tp_rank: int = 0,
+    ):
         if max_length < 1:
             raise ValueError(f"KVCache: max_length={max_length}; expected a positive number of tokens")
         if not 0 <= cp_rank < cp:
             raise ValueError(f"KVCache: cp_rank={cp_rank} is outside 0..{cp - 1} for cp={cp}")
         if kv_interleave < 1:
             raise ValueError(f"KVCache: kv_interleave={kv_interleave}; expected >= 1")
-        self.layout = CacheLayout(max_length, cp, cp_rank, kv_interleave)
+        if not 0 <= tp_rank < tp:
+            raise ValueError(f"KVCache: tp_rank={tp_rank} is outside 0..{tp - 1} for tp={tp}")
+        self.layout = CacheLayout(max_length, cp, cp_rank, kv_interleave, tp, tp_rank)
         super().__init__(layers=[KVCacheLayer(self.layout) for _ in range(num_layers)])
 
     @property

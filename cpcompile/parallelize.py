@@ -40,6 +40,8 @@ class ParallelState:
     analysis: Analysis
     backend: Backend
     kv_shapes: list  # per layer (Hkv, Dk, Dv, dtype), see cpcompile.cache.kv_shapes
+    rank: "RankInfo | None" = None
+    parallel: "Parallel | None" = None
     caches: "weakref.WeakKeyDictionary[Cache, KVCache]" = field(default_factory=weakref.WeakKeyDictionary)
     seen: "weakref.WeakKeyDictionary[KVCache, int]" = field(default_factory=weakref.WeakKeyDictionary)
 
@@ -90,15 +92,23 @@ def parallelize(
     options.validate()
     if max_length < 1:
         raise ValueError(f"parallelize: max_length={max_length}; expected a positive number of tokens")
+    if dp != 1:
+        raise ValueError(f"parallelize: dp={dp}; attention data parallelism is not part of this version (use dp=1)")
     model.eval()
     analysis = capture(model, options)  # validates the mesh; raises MeshError / AttentionError
-    backend = Backend(options)
-    state = ParallelState(options, max_length, analysis, backend, kv_shapes(model))
+    shapes = kv_shapes(model)
+    parallel, info = None, None
+    if tp * cp > 1:
+        parallel, info = _shard_model(model, analysis, options)
+    backend = Backend(options, parallel)
+    state = ParallelState(options, max_length, analysis, backend, shapes, info, parallel)
     compiled = torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=False)
 
     @functools.wraps(model.forward)
     def forward(*args, **kwargs):
         kwargs = _with_cpcompile_cache(model, state, args, kwargs)
+        if state.rank is not None:
+            _check_same_inputs(args, kwargs)
         return compiled(*args, **kwargs)
 
     model.forward = forward
@@ -121,7 +131,16 @@ def _with_cpcompile_cache(model, state: ParallelState, args: tuple, kwargs: dict
     if past is None or (isinstance(past, DynamicCache) and past.get_seq_length() == 0):
         cache = state.caches.get(past) if past is not None else None
         if cache is None:
-            cache = KVCache(_num_layers(model), state.max_length, cp=state.options.cp, kv_interleave=state.options.kv_interleave)
+            r = state.rank
+            cache = KVCache(
+                _num_layers(model),
+                state.max_length,
+                cp=state.options.cp,
+                cp_rank=r.cp_rank if r else 0,
+                kv_interleave=state.options.kv_interleave,
+                tp=state.options.tp,
+                tp_rank=r.tp_rank if r else 0,
+            )
             cache.allocate_shapes(state.kv_shapes, batch, _device(model))
             if past is not None:
                 state.caches[past] = cache
@@ -150,6 +169,71 @@ def _with_cpcompile_cache(model, state: ParallelState, args: tuple, kwargs: dict
         # Static shape: positions past the sequence are causally invisible anyway.
         kwargs["attention_mask"] = torch.nn.functional.pad(mask, (0, state.max_length - mask.shape[1]))
     return kwargs
+
+
+def _shard_model(model, analysis: Analysis, options: Options):
+    """Decide this rank's weight shards, keep its local copies, and replace the model's full
+    parameters for them by zero-storage stand-ins of the full shape (Dynamo then traces the
+    single-device shapes; the graph reads the local copies)."""
+    from cpcompile.distributed import init_groups
+    from cpcompile.passes import Parallel
+    from cpcompile.passes.rewrite_attention import AttentionParallel
+    from cpcompile.passes.shard_weights import local_tensors, shard_weights
+
+    groups = init_groups(options.tp, options.cp, options.dp, _device(model))
+    info = groups.info
+    shards = shard_weights(analysis, info, options.combine)
+    params = dict(model.named_parameters())
+    local = {}
+    for name, shard in shards.items():
+        bias_name = name[: -len("weight")] + "bias" if name.endswith("weight") else None
+        bias = params.get(bias_name) if bias_name else None
+        local[name] = local_tensors(shard, params[name].detach(), bias.detach() if bias is not None else None)
+        for pname in (name, bias_name if bias is not None else None):
+            if pname:
+                owner, _, attr = pname.rpartition(".")
+                mod = model.get_submodule(owner)
+                full = mod._parameters[attr]
+                stub = torch.empty(1, dtype=full.dtype, device=full.device).expand(full.shape)
+                mod._parameters[attr] = torch.nn.Parameter(stub, requires_grad=False)
+    names = {k: groups.name(k) for k in ("cp", "tp", "replica")}
+    return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave), shards, local), info
+
+
+def _check_same_inputs(args: tuple, kwargs: dict) -> None:
+    """Every rank must be given the same inputs; a cheap checksum catches a rank that is not."""
+    import torch.distributed as dist
+
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs["inputs_embeds"]
+    flat = ids.reshape(-1).double()
+    c = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum(),
+                     torch.tensor(float(ids.shape[0]), device=flat.device), torch.tensor(float(ids.shape[1]), device=flat.device)])
+    hi, lo = c.clone(), c.clone()
+    dist.all_reduce(hi, dist.ReduceOp.MAX)
+    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        raise ValueError(
+            f"cpcompile: rank {dist.get_rank()} sees inputs that differ from other ranks (checksum {c.tolist()} vs "
+            f"min {lo.tolist()} / max {hi.tolist()}); every rank must pass the same input_ids"
+        )
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights this rank really holds: the model's parameters (stand-ins count their
+    one element) plus the local shards the compiled graph reads."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        st = p.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    state = getattr(model, "_cpcompile", None)
+    if state is not None and state.parallel is not None:
+        for w, b in state.parallel.local.values():
+            total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
+    return total
 
 
 def _num_layers(model) -> int:

@@ -3,7 +3,12 @@
 1. find_attention    — attention sites (SDPA / eager forms), their K/V source.  (reads)
 2. find_projections  — every linear's role, by dataflow.                       (reads)
 3. plan              — role -> placement under the mesh, validated.            (reads)
-4. rewrite_attention — cache read + attention -> attention_with_lse.           (rewrites)
+4. rewrite_attention — cache read + attention -> attention_with_lse over this rank's heads
+                       and slots, plus the CP combine collectives.           (rewrites)
+5. shard_linears     — sharded projections -> local linears + all-reduces.     (rewrites)
+
+(Pass 2b, shard_weights, runs once at `parallelize` on the captured graph: it decides each
+rank's columns; passes 4 and 5 execute that on every graph Dynamo produces.)
 
 Analysis runs before any rewrite so that roles are read off the graph HF produced, and the
 plan is validated before the graph is touched: a mesh error never leaves a half-rewritten
@@ -22,7 +27,8 @@ from cpcompile.passes._fx import is_op, op_count
 from cpcompile.passes.find_attention import AttentionSite, find_attention_sites
 from cpcompile.passes.find_projections import Roles, find_projections
 from cpcompile.passes.plan import Mesh, Placement, plan
-from cpcompile.passes.rewrite_attention import rewrite_attention
+from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
+from cpcompile.passes.shard_linears import shard_linears
 
 
 @dataclass
@@ -58,7 +64,34 @@ def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles) -> list
     return notes
 
 
-def run_passes(gm: fx.GraphModule, options: Options, graph_id: int = 0) -> PassReport:
+@dataclass
+class Parallel:
+    """A rank's share of the work, decided at `parallelize` (see shard_weights.py)."""
+
+    attention: "AttentionParallel"
+    shards: dict  # parameter name -> WeightShard
+    local: dict  # parameter name -> (local weight, local bias | None)
+
+
+_COLLECTIVES = {
+    "all_reduce": "all_reduce",
+    "all_to_all": "all_to_all_single",
+    "all_gather": "all_gather_into_tensor",
+    "reduce_scatter": "reduce_scatter_tensor",
+}
+
+
+def count_collectives(gm: fx.GraphModule) -> dict[str, int]:
+    import torch
+
+    ops = torch.ops._c10d_functional
+    return {
+        k: sum(n.op == "call_function" and n.target is getattr(ops, op).default for n in gm.graph.nodes)
+        for k, op in _COLLECTIVES.items()
+    }
+
+
+def run_passes(gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel: Parallel | None = None) -> PassReport:
     dump = _Dumper(options.debug_dir, graph_id)
     dump(gm, "0-input")
     analysis = analyze(gm, options)
@@ -67,8 +100,12 @@ def run_passes(gm: fx.GraphModule, options: Options, graph_id: int = 0) -> PassR
         "sdpa_before": op_count(gm, "sdpa"),
         "cache_reads_before": op_count(gm, "kv_cache_read"),
     }
-    result = rewrite_attention(gm, analysis.sites)
+    result = rewrite_attention(gm, analysis.sites, parallel.attention if parallel else None)
     dump(gm, "1-rewrite_attention")
+    if parallel is not None:
+        counts["linears_sharded"] = sum(shard_linears(gm, parallel.shards, parallel.local, parallel.attention.group_names).values())
+        dump(gm, "2-shard_linears")
+    counts["collectives"] = count_collectives(gm)
     counts.update(
         attention_rewritten=result.rewritten,
         sdpa_after=op_count(gm, "sdpa"),

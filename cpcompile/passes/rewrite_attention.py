@@ -31,6 +31,7 @@ import operator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from cpcompile.passes._fx import getitem_user, insert_call, is_op, shape, val
@@ -45,7 +46,17 @@ class RewriteResult:
     cache_reads_removed: int
 
 
-def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> RewriteResult:
+@dataclass
+class AttentionParallel:
+    """What a rank needs to rewrite attention under tp x cp (DESIGN.md section 2)."""
+
+    info: "RankInfo"
+    combine: str
+    group_names: dict  # "cp" / "tp" / "replica" -> functional-collective group name
+    kv_interleave: int = 1
+
+
+def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: AttentionParallel | None = None) -> RewriteResult:
     g = gm.graph
     reads_done: dict[fx.Node, int] = {}  # kv_cache_read -> S_local
     for site in sites:
@@ -54,25 +65,48 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> Rewrite
             if site.cache_read is not None:
                 s_local = reads_done.get(site.cache_read) or _replace_cache_read(g, site)
                 reads_done[site.cache_read] = s_local
-                keys_buf, _, slot_pos, pos_new, max_length = site.cache_read.args
+                keys_buf, _, slot_pos, pos_new, max_length = site.cache_read.args[:5]
                 k, v = site.key, site.value
                 if shape(k)[2] != s_local:
                     raise AttentionError(f"attention #{site.index}: reads {shape(k)[2]} slots, expected {s_local}")
                 pos_q = _expand_rows(g, pos_new, d["B"])
                 pos_kv = _expand_rows(g, insert_call(g, operator.getitem, (slot_pos, slice(None, s_local))), d["B"])
             else:
+                if par is not None and par.info.cp > 1:
+                    raise AttentionError(
+                        f"attention #{site.index}: its K/V do not come from cpcompile's KVCache, so they cannot be "
+                        "sharded over the sequence (cp > 1). Run through cpcompile.parallelize, which installs the cache."
+                    )
                 k, v = site.key, site.value
+                if par is not None and par.info.tp > 1:
+                    kv0, kv1 = _kv_heads(par.info, d["Hkv"])
+                    k = insert_call(g, operator.getitem, (k, (_ALL, slice(kv0, kv1))))
+                    v = insert_call(g, operator.getitem, (v, (_ALL, slice(kv0, kv1))))
                 s, lq = d["S"], d["Lq"]
                 device = val(site.query).device
                 pos_kv = _expand_rows(g, insert_call(g, torch.arange, (s,), {"device": device}), d["B"])
                 pos_q = _expand_rows(g, insert_call(g, torch.arange, (s - lq, s), {"device": device}), d["B"])
             mask = _kernel_mask(g, site.mask, d) if site.mask is not None else None
+            q = site.query
+            if par is not None:
+                from cpcompile.passes.shard_weights import head_ranges
+
+                heads = head_ranges(par.info, d["Hq"], par.combine)
+                if par.info.tp > 1:
+                    q = insert_call(g, operator.getitem, (q, (_ALL, slice(*heads["tp"]))))
+                if mask is not None and par.info.cp > 1 and site.cache_read is not None:
+                    mask = _mask_to_slots(gm, mask, shape(k)[2], par)
             out = insert_call(
                 g,
                 torch.ops.cpcompile.attention_with_lse.default,
-                (site.query, k, v, pos_q, pos_kv, site.scale, site.softcap, 0, mask),
+                (q, k, v, pos_q, pos_kv, site.scale, site.softcap, 0, mask),
             )
             o = insert_call(g, operator.getitem, (out, 0))
+            if par is not None:
+                lse = insert_call(g, operator.getitem, (out, 1))
+                o = _combine(g, o, lse, par)
+                h0, h1 = heads["out"]
+                o = insert_call(g, F.pad, (o, (0, 0, 0, 0, h0, d["Hq"] - h1)))  # back to all heads, zeros elsewhere
         old = site.output
         old.replace_all_uses_with(o)
         _erase_dead([old, *site.chain])
@@ -89,7 +123,7 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> Rewrite
 def _replace_cache_read(g: fx.Graph, site: AttentionSite) -> int:
     """Point the read's users at this rank's slot views; returns S_local (sink slot excluded)."""
     read = site.cache_read
-    keys_buf, values_buf, _, _, max_length = read.args
+    keys_buf, values_buf, _, _, max_length = read.args[:5]
     s_local = shape(keys_buf)[2] - 1
     if s_local != max_length and (site.key.args[0] is not read or site.value.args[0] is not read):
         # Ops between the read and the attention were traced with the global length baked into
@@ -143,3 +177,81 @@ def _erase_dead(roots: list[fx.Node]) -> None:
         inputs = n.all_input_nodes
         n.graph.erase_node(n)
         todo.extend(inputs)
+
+
+_c10d = torch.ops._c10d_functional
+
+
+def _kv_heads(info, hkv: int) -> tuple[int, int]:
+    from cpcompile.passes.shard_weights import _kv_heads as kv
+
+    return kv(info, hkv)
+
+
+def _mask_to_slots(gm: fx.GraphModule, mask: fx.Node, s_local: int, par: AttentionParallel) -> fx.Node:
+    """[B, Lq, max_length] over global positions -> [B, Lq, S_local] over this rank's slots."""
+    from cpcompile.kernels.layout import slot_positions
+    from cpcompile.passes.shard_linears import _const
+
+    g = gm.graph
+    n_cols = shape(mask)[-1]
+    idx = slot_positions(s_local, par.info.cp, par.info.cp_rank, par.kv_interleave).clamp(max=n_cols - 1)
+    idx_node = _const(gm, idx.to(val(mask).device), "_cpcompile_slots")
+    return insert_call(g, torch.Tensor.index_select, (mask, -1, idx_node))
+
+
+def _pack(g: fx.Graph, o: fx.Node, lse: fx.Node) -> fx.Node:
+    """(o [.., Dv], lse [..] fp32) -> one tensor [.., Dv + e] in o's dtype, lse bit-cast (exact)."""
+    l = insert_call(g, torch.Tensor.unsqueeze, (lse, -1))
+    if val(o).dtype != torch.float32:
+        l = insert_call(g, torch.Tensor.view, (l, val(o).dtype))
+    return insert_call(g, torch.cat, ([o, l], -1))
+
+
+def _unpack(g: fx.Graph, x: fx.Node, dv: int) -> tuple[fx.Node, fx.Node]:
+    o = insert_call(g, operator.getitem, (x, (Ellipsis, slice(None, dv))))
+    l = insert_call(g, torch.Tensor.contiguous, (insert_call(g, operator.getitem, (x, (Ellipsis, slice(dv, None)))),))
+    if val(x).dtype != torch.float32:
+        l = insert_call(g, torch.Tensor.view, (l, torch.float32))
+    return o, insert_call(g, operator.getitem, (l, (Ellipsis, 0)))
+
+
+def _combine(g: fx.Graph, o: fx.Node, lse: fx.Node, par: AttentionParallel) -> fx.Node:
+    """Exact CP combine of partial (o, lse) over this rank's KV shard (DESIGN.md section 2)."""
+    cp = par.info.cp
+    if cp == 1:
+        return o
+    b, h, lq, dv = shape(o)
+    name = par.group_names["cp"]
+    merge = torch.ops.cpcompile.merge_states.default
+    if par.combine == "all_gather":
+        packed = _pack(g, o, lse)
+        got = insert_call(g, _c10d.all_gather_into_tensor.default, (packed, cp, name))
+        got = insert_call(g, _c10d.wait_tensor.default, (got,))
+        got = insert_call(g, torch.Tensor.view, (got, (cp, b, h, lq, shape(packed)[-1])))
+        o_r, lse_r = _unpack(g, got, dv)
+        return insert_call(g, operator.getitem, (insert_call(g, merge, (o_r, lse_r)), 0))
+    hc = h // cp
+    if par.combine == "all_to_all":  # Helix: peer j gets its 1/cp of the heads, o and lse in one exchange
+        packed = _pack(g, o, lse)
+        e = shape(packed)[-1]
+        x = insert_call(g, torch.Tensor.view, (packed, (b, cp, hc, lq, e)))
+        x = insert_call(g, torch.Tensor.contiguous, (insert_call(g, torch.Tensor.transpose, (x, 0, 1)),))
+        got = insert_call(g, _c10d.all_to_all_single.default, (x, [1] * cp, [1] * cp, name))
+        got = insert_call(g, _c10d.wait_tensor.default, (got,))
+        o_r, lse_r = _unpack(g, got, dv)  # [cp, B, Hc, Lq, Dv], [cp, B, Hc, Lq]
+        return insert_call(g, operator.getitem, (insert_call(g, merge, (o_r, lse_r)), 0))
+    # ag_rs (vLLM DCP): all-gather lse, rescale the local o, reduce-scatter over heads
+    all_lse = insert_call(g, _c10d.all_gather_into_tensor.default, (lse, cp, name))
+    all_lse = insert_call(g, _c10d.wait_tensor.default, (all_lse,))
+    all_lse = insert_call(g, torch.Tensor.view, (all_lse, (cp, b, h, lq)))
+    total = insert_call(g, torch.logsumexp, (all_lse, 0))
+    w = insert_call(g, torch.exp, (insert_call(g, operator.sub, (lse, total)),))
+    w = insert_call(g, torch.nan_to_num, (w,), {"nan": 0.0})  # -inf - -inf: no visible slot anywhere
+    scaled = insert_call(g, operator.mul, (insert_call(g, torch.Tensor.float, (o,)), insert_call(g, torch.Tensor.unsqueeze, (w, -1))))
+    x = insert_call(g, torch.Tensor.view, (scaled, (b, cp, hc, lq, dv)))
+    x = insert_call(g, torch.Tensor.contiguous, (insert_call(g, torch.Tensor.transpose, (x, 0, 1)),))
+    got = insert_call(g, _c10d.reduce_scatter_tensor.default, (x, "sum", cp, name))
+    got = insert_call(g, _c10d.wait_tensor.default, (got,))
+    got = insert_call(g, torch.Tensor.view, (got, (b, hc, lq, dv)))
+    return insert_call(g, torch.Tensor.to, (got, val(o).dtype))

@@ -1,0 +1,103 @@
+"""The rank layout and process groups (DESIGN.md section 1).
+
+world = dp x tp x cp, CP innermost: rank = (dp_rank * tp + tp_rank) * cp + cp_rank.
+
+| group   | members                         | used for                                   |
+|---------|---------------------------------|--------------------------------------------|
+| cp      | same dp_rank, tp_rank           | combining partial attention (every layer)  |
+| tp      | same dp_rank, cp_rank           | head sharding of attention                 |
+| replica | the tp*cp ranks of one replica  | o_proj / FFN row-parallel all-reduce       |
+| dp      | same tp_rank, cp_rank           | splitting the batch                        |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    tp: int
+    cp: int
+    dp: int
+    rank: int
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.cp
+
+    @property
+    def tp_rank(self) -> int:
+        return (self.rank // self.cp) % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.cp * self.tp)
+
+    def ranks(self, group: str) -> list[int]:
+        """Global ranks of this rank's `group` ('cp' | 'tp' | 'replica' | 'dp'), in group-rank order."""
+        base = lambda d, t, c: (d * self.tp + t) * self.cp + c
+        d, t, c = self.dp_rank, self.tp_rank, self.cp_rank
+        if group == "cp":
+            return [base(d, t, i) for i in range(self.cp)]
+        if group == "tp":
+            return [base(d, i, c) for i in range(self.tp)]
+        if group == "replica":
+            return [base(d, i, j) for i in range(self.tp) for j in range(self.cp)]
+        if group == "dp":
+            return [base(i, t, c) for i in range(self.dp)]
+        raise ValueError(f"unknown group {group!r}")
+
+
+@dataclass
+class Groups:
+    """This rank's process groups; `name(g)` is what functional collectives take."""
+
+    info: RankInfo
+    handles: dict
+
+    def name(self, group: str) -> str:
+        return self.handles[group].group_name
+
+    def size(self, group: str) -> int:
+        return len(self.info.ranks(group))
+
+
+def init_groups(tp: int, cp: int, dp: int, device: torch.device) -> Groups:
+    """Initialise the default group if needed (torchrun's env vars) and build this rank's groups.
+
+    Every rank creates every subgroup in the same order, as `dist.new_group` requires.
+    """
+    world = tp * cp * dp
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            raise RuntimeError(
+                f"cpcompile: tp={tp}, cp={cp}, dp={dp} needs {world} ranks, but no process group is initialised and "
+                "no torchrun environment is set. Launch with `torchrun --nproc-per-node "
+                f"{world} ...` or `python -m cpcompile generate`, or call torch.distributed.init_process_group first."
+            )
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_world_size() != world:
+        raise ValueError(
+            f"cpcompile: the process group has {dist.get_world_size()} ranks but dp*tp*cp = {dp}*{tp}*{cp} = {world}; "
+            "they must be equal"
+        )
+    me = RankInfo(tp, cp, dp, dist.get_rank())
+    handles = {}
+    for kind in ("cp", "tp", "replica", "dp"):
+        mine = None
+        seen = set()
+        for r in range(world):  # enumerate every group of this kind, identically on all ranks
+            ranks = tuple(RankInfo(tp, cp, dp, r).ranks(kind))
+            if ranks in seen:
+                continue
+            seen.add(ranks)
+            g = dist.new_group(list(ranks))
+            if me.rank in ranks:
+                mine = g
+        handles[kind] = mine
+    return Groups(me, handles)

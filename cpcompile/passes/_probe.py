@@ -1,0 +1,82 @@
+"""Which columns of a tensor feed which part of another: dependency probing by autograd.
+
+The sharding passes must know, for a (possibly fused) projection, which output columns end up
+in which attention head — Phi-3 slices one qkv output at fixed offsets, GPT-NeoX interleaves
+[q_h, k_h, v_h] per head, a fused gate_up is chunked. Rather than knowing each packing, we
+run the subgraph between the two nodes on random values and read the support of the
+gradient: column c of `src` feeds the selected part of `dst` iff d(selected)/d(src[..., c]) != 0.
+Random inputs make an accidental exact zero a probability-zero event.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import fx
+
+from cpcompile.passes._fx import ancestors, descendants, val
+
+
+def _random_like(v, gen: torch.Generator):
+    if not isinstance(v, torch.Tensor):
+        return v
+    shape, dtype = tuple(int(s) for s in v.shape), v.dtype
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=gen, dtype=torch.float64)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.zeros(shape, dtype=dtype)
+
+
+def column_support(src: fx.Node, dst: fx.Node, select: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sorted indices c of `src`'s last dim such that `select(dst)` depends on `src[..., c]`."""
+    gen = torch.Generator().manual_seed(0)
+    x = _random_like(val(src), gen).requires_grad_(True)
+    out = _evaluate(src, dst, x, gen)
+    y = select(out)
+    (grad,) = torch.autograd.grad((y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum(), x)
+    used = grad.abs().reshape(-1, grad.shape[-1]).sum(0) != 0
+    return used.nonzero().flatten()
+
+
+def forward_support(src: fx.Node, dst: fx.Node, region: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Sorted indices c of `dst`'s last dim whose value changes when `src[region(src)]` changes.
+
+    `region(x)` returns a boolean mask of `src`'s shape (e.g. the heads one rank keeps).
+    """
+    outs = []
+    for perturb in (False, True):
+        gen = torch.Generator().manual_seed(1)
+        x = _random_like(val(src), gen)
+        if perturb:
+            m = region(x)
+            x = torch.where(m, x + 1.0 + torch.rand(x.shape, dtype=x.dtype), x)
+        outs.append(_evaluate(src, dst, x, torch.Generator().manual_seed(2)))
+    changed = (outs[0] != outs[1]).reshape(-1, outs[0].shape[-1]).any(0)
+    return changed.nonzero().flatten()
+
+
+def _evaluate(src: fx.Node, dst: fx.Node, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    on_path = descendants([src], lambda n: n is dst) & (ancestors(dst, lambda n: n is src) | {dst})
+    env: dict[fx.Node, object] = {src: x}
+
+    def load(a):
+        if isinstance(a, fx.Node):
+            if a not in env:
+                env[a] = _random_like(val(a), gen)
+            return env[a]
+        return a
+
+    for n in (n for n in src.graph.nodes if n in on_path):
+        args = fx.node.map_aggregate(n.args, load)
+        kwargs = fx.node.map_aggregate(n.kwargs, load)
+        args = tuple(torch.float64 if isinstance(a, torch.dtype) and a.is_floating_point else a for a in args)
+        kwargs = {k: (torch.float64 if isinstance(v, torch.dtype) and v.is_floating_point else v) for k, v in kwargs.items()}
+        if n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:
+            raise ValueError(f"probe: cannot evaluate {n.op} node {n.name} on the path")
+    return env[dst]

@@ -1,0 +1,101 @@
+"""Pass 5 — execute the weight shards on the graph: local linears plus explicit all-reduces.
+
+Cases handled (a `WeightShard` per sharded parameter, from `shard_weights.py`):
+  * column: `y = linear(x, W, b)` -> `y_loc = linear(x, W_loc, b_loc)` placed back into a
+    zero tensor of the full width at this rank's columns (`F.pad` when they are one block,
+    `index_copy` otherwise). Everything downstream keeps the single-device shapes Dynamo
+    traced (head counts, Phi-3's fixed qkv offsets, chunked gate_up), so no shape constant
+    needs rewriting; other ranks' columns are zeros that only this rank's attention heads or
+    FFN chunk ever read.
+  * row: `y = linear(x, W, b)` -> `all_reduce(linear(x[..., cols], W_loc), group) + b`, the
+    all-reduce an explicit `_c10d_functional.all_reduce` + `wait_tensor` pair.
+
+The model's own parameters for these weights are zero-storage stand-ins of the full shape
+(so Dynamo traces single-device shapes); the local shards enter the graph as `get_attr`
+constants of the GraphModule.
+
+Before:  o = torch._C._nn.linear(attn, l_o_proj_weight, None)
+After:   a = attn[..., 32:64]; p = torch._C._nn.linear(a, _cpcompile_w3, None)
+         r = _c10d_functional.all_reduce(p, 'sum', replica_group); o = _c10d_functional.wait_tensor(r)
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from cpcompile.passes._fx import insert_call, is_op, shape
+from cpcompile.passes.find_projections import param_name
+from cpcompile.passes.shard_weights import WeightShard
+
+_c10d = torch.ops._c10d_functional
+
+
+def all_reduce(g: fx.Graph, x: fx.Node, group_name: str) -> fx.Node:
+    r = insert_call(g, _c10d.all_reduce.default, (x, "sum", group_name))
+    return insert_call(g, _c10d.wait_tensor.default, (r,))
+
+
+def _const(gm: fx.GraphModule, tensor: torch.Tensor, prefix: str) -> fx.Node:
+    i = 0
+    while hasattr(gm, f"{prefix}{i}"):
+        i += 1
+    name = f"{prefix}{i}"
+    gm.register_buffer(name, tensor)
+    node = gm.graph.get_attr(name)
+    fakes = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes]
+    mode = next((v.fake_mode for v in fakes if hasattr(v, "fake_mode")), None)
+    if mode is not None:
+        node.meta["val"] = node.meta["example_value"] = mode.from_tensor(tensor, static_shapes=True)
+    return node
+
+
+def shard_linears(
+    gm: fx.GraphModule,
+    shards: dict[str, WeightShard],
+    local: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    group_names: dict[str, str],
+) -> dict[str, int]:
+    """Returns counts: column / row linears rewritten, all-reduces inserted."""
+    g = gm.graph
+    counts = {"column": 0, "row": 0, "all_reduce": 0}
+    for lin in [n for n in g.nodes if is_op(n, "linear")]:
+        w = lin.args[1]
+        if not isinstance(w, fx.Node) or param_name(w) not in shards:
+            continue
+        name = param_name(w)
+        shard = shards[name]
+        w_loc, b_loc = local[name]
+        x = lin.args[0]
+        full = shape(lin)
+        with g.inserting_before(lin):
+            w_node = _const(gm, w_loc, "_cpcompile_w")
+            b_node = _const(gm, b_loc, "_cpcompile_b") if b_loc is not None else None
+            block = shard.contiguous
+            if shard.kind == "column":
+                y_loc = insert_call(g, torch._C._nn.linear, (x, w_node, b_node))
+                if block is not None:
+                    y = insert_call(g, F.pad, (y_loc, (block[0], full[-1] - block[1])))
+                else:
+                    idx = _const(gm, shard.cols.to(w_loc.device), "_cpcompile_idx")
+                    zeros = insert_call(g, torch.Tensor.new_zeros, (y_loc, full))
+                    y = insert_call(g, torch.Tensor.index_copy, (zeros, -1, idx, y_loc))
+            else:
+                if block is not None:
+                    x_loc = insert_call(g, operator.getitem, (x, (Ellipsis, slice(*block))))
+                else:
+                    idx = _const(gm, shard.cols.to(w_loc.device), "_cpcompile_idx")
+                    x_loc = insert_call(g, torch.Tensor.index_select, (x, -1, idx))
+                y = all_reduce(g, insert_call(g, torch._C._nn.linear, (x_loc, w_node, None)), group_names[shard.group])
+                counts["all_reduce"] += 1
+                if b_node is not None:
+                    y = insert_call(g, operator.add, (y, b_node))
+        lin.replace_all_uses_with(y)
+        g.erase_node(lin)
+        counts[shard.kind] += 1
+    g.lint()
+    gm.recompile()
+    return counts

@@ -1,0 +1,132 @@
+"""Pass 2b — this rank's weight shards: which columns of every sharded linear it owns.
+
+Runs once, at `parallelize`, on the captured single-device graph. For each linear the plan
+did not replicate it decides this rank's columns by dataflow (dependency probing,
+`_probe.py`), so fused and packed layouts need no per-model code:
+
+  * q/k/v/qkv (column over tp): the output columns that feed this TP rank's query heads
+    (`Hq/tp` of them) and KV heads (`Hkv/tp`, or the one head they read when tp > Hkv).
+  * o (row): the input columns fed by the heads this rank holds after the CP combine —
+    `Hq/(tp*cp)` heads for all_to_all / ag_rs, `Hq/tp` for all_gather.
+  * down/fc2 (row over the replica): input chunk `r` of `I/(tp*cp)` (r = this rank in its replica);
+    gate/up/fc1/gate_up (column): the output columns that feed that chunk.
+
+The result is a table `{parameter name: WeightShard}` and the local tensors; the graph rewrite
+(`shard_linears.py`) executes it. Heads are split in contiguous blocks in head order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from cpcompile.distributed import RankInfo
+
+from cpcompile.passes._probe import column_support, forward_support
+from cpcompile.passes.find_projections import _new_kv
+from cpcompile.passes.plan import placement_for
+
+
+@dataclass
+class WeightShard:
+    weight: str  # parameter name
+    kind: str  # "column" | "row"
+    group: str  # "tp" | "replica": the all-reduce group of a row shard
+    cols: torch.Tensor  # column: this rank's output features; row: its input features (sorted)
+    full_shape: tuple[int, int]
+
+    @property
+    def contiguous(self) -> tuple[int, int] | None:
+        c = self.cols
+        if len(c) and int(c[-1]) - int(c[0]) + 1 == len(c):
+            return int(c[0]), int(c[-1]) + 1
+        return None
+
+
+def head_ranges(info: RankInfo, hq: int, combine: str) -> dict[str, tuple[int, int]]:
+    """Query-head ranges of this rank: `tp` (attended here), `out` (held after the combine)."""
+    per_tp = hq // info.tp
+    q0 = info.tp_rank * per_tp
+    if combine == "all_gather" or info.cp == 1:
+        return {"tp": (q0, q0 + per_tp), "out": (q0, q0 + per_tp)}
+    per_cp = per_tp // info.cp
+    o0 = q0 + info.cp_rank * per_cp
+    return {"tp": (q0, q0 + per_tp), "out": (o0, o0 + per_cp)}
+
+
+def _heads_mask(x: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
+    m = torch.zeros(x.shape, dtype=torch.bool)
+    m[:, h0:h1] = True
+    return m
+
+
+def shard_weights(analysis: "Analysis", info: RankInfo, combine: str) -> dict[str, WeightShard]:
+    from cpcompile.passes.plan import Mesh
+
+    mesh = Mesh(info.tp, info.cp, info.dp, combine)
+    replica_rank = info.tp_rank * info.cp + info.cp_rank
+    shards: dict[str, WeightShard] = {}
+    by_layer: dict[int, list] = {}
+    for p in analysis.roles.projections:
+        by_layer.setdefault(p.layer, []).append(p)
+    for site in analysis.sites:
+        d = site.dims
+        heads = head_ranges(info, d["Hq"], combine)
+        kv0, kv1 = _kv_heads(info, d["Hkv"])
+        new_k, new_v = _new_kv(site)
+        layer = by_layer.get(site.index, [])
+        ffn_row = None
+        for p in layer:
+            placement = placement_for(p.role, mesh)
+            if placement == "replicate":
+                continue
+            kind, group = ("row" if placement.startswith("row") else "column"), placement.split("/")[-1]
+            lin = p.node
+            if kind == "column" and group == "tp":
+                cols = []
+                if "q" in p.role:
+                    cols.append(column_support(lin, site.query, lambda t: t[:, heads["tp"][0] : heads["tp"][1]]))
+                if "k" in p.role and p.role != "kv_up":
+                    cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_k]
+                if "v" in p.role and p.role != "kv_up":
+                    cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_v]
+                if not cols:
+                    raise ValueError(f"shard_weights: {p.weight} ({p.role}) has no column rule")
+                shards[p.weight] = WeightShard(p.weight, kind, group, torch.cat(cols).unique(), (p.out_features, p.in_features))
+            elif p.role == "o":
+                h0, h1 = heads["out"]
+                cols = forward_support(site.output, lin.args[0], lambda x: _heads_mask(x, h0, h1))
+                shards[p.weight] = WeightShard(p.weight, "row", group, cols, (p.out_features, p.in_features))
+            elif kind == "row":  # down / fc2 over the replica
+                size = mesh.replica if group == "replica" else info.tp
+                r = replica_rank if group == "replica" else info.tp_rank
+                per = p.in_features // size
+                cols = torch.arange(r * per, (r + 1) * per)
+                shards[p.weight] = WeightShard(p.weight, "row", group, cols, (p.out_features, p.in_features))
+                ffn_row = (p, r * per, (r + 1) * per)
+        for p in layer:  # FFN column shards: the columns that feed this rank's chunk of down's input
+            if placement_for(p.role, mesh).startswith(("column/replica", "packed-column/replica")):
+                if ffn_row is None:
+                    raise ValueError(f"shard_weights: {p.weight} ({p.role}) is column-parallel but layer {site.index} has no down/fc2")
+                down, c0, c1 = ffn_row
+                cols = column_support(p.node, down.node.args[0], lambda t: t[..., c0:c1])
+                shards[p.weight] = WeightShard(p.weight, "column", "replica", cols, (p.out_features, p.in_features))
+    return shards
+
+
+def _kv_heads(info: RankInfo, hkv: int) -> tuple[int, int]:
+    if info.tp <= hkv:
+        per = hkv // info.tp
+        return info.tp_rank * per, (info.tp_rank + 1) * per
+    h = info.tp_rank // (info.tp // hkv)
+    return h, h + 1
+
+
+def local_tensors(shard: WeightShard, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's copy of a weight (and bias): rows for column shards, columns for row shards."""
+    idx = shard.cols.to(weight.device)
+    if shard.kind == "column":
+        return weight.index_select(0, idx).contiguous(), (bias.index_select(0, idx).contiguous() if bias is not None else None)
+    return weight.index_select(1, idx).contiguous(), (bias.detach().clone() if bias is not None else None)
