@@ -82,11 +82,27 @@ _COLLECTIVES = {
 
 
 def count_collectives(gm: fx.GraphModule) -> dict[str, int]:
+    """Collectives of each kind in the graph (one run of the graph issues exactly these)."""
+    return {k: len(v) for k, v in _collective_nodes(gm).items()}
+
+
+def collective_bytes(gm: fx.GraphModule) -> dict[str, int]:
+    """Bytes each kind of collective sends into the group per run: its input tensor's size
+    (static shapes, so this is what every run of the graph moves)."""
+    from cpcompile.passes._fx import val
+
+    out = {}
+    for k, nodes in _collective_nodes(gm).items():
+        out[k] = sum(val(n.args[0]).numel() * val(n.args[0]).element_size() for n in nodes)
+    return out
+
+
+def _collective_nodes(gm: fx.GraphModule) -> dict[str, list]:
     import torch
 
     ops = torch.ops._c10d_functional
     return {
-        k: sum(n.op == "call_function" and n.target is getattr(ops, op).default for n in gm.graph.nodes)
+        k: [n for n in gm.graph.nodes if n.op == "call_function" and n.target is getattr(ops, op).default]
         for k, op in _COLLECTIVES.items()
     }
 
@@ -106,6 +122,7 @@ def run_passes(gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel
         counts["linears_sharded"] = sum(shard_linears(gm, parallel.shards, parallel.local, parallel.attention.group_names).values())
         dump(gm, "2-shard_linears")
     counts["collectives"] = count_collectives(gm)
+    counts["collective_bytes"] = collective_bytes(gm)
     counts.update(
         attention_rewritten=result.rewritten,
         sdpa_after=op_count(gm, "sdpa"),
