@@ -39,6 +39,14 @@ def test_cli_refuses_unknown_model():
     assert res.returncode != 0 and "neither a built-in tiny architecture" in res.stderr
 
 
-def test_distributed_meshes_are_refused_with_a_clear_error():
-    with pytest.raises(ValueError, match="tp=2, cp=1, dp=1 .* single-device graphs only"):
+def test_parallel_mesh_without_a_process_group_says_how_to_launch(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match=r"needs 2 ranks, but no process group is initialised.*torchrun --nproc-per-node 2"):
         cpcompile.parallelize(tiny_model("llama"), tp=2)
+
+
+def test_backend_string_refuses_parallel_options():
+    import torch
+
+    with pytest.raises(Exception, match="use parallelize for a parallel model"):
+        torch.compile(lambda x: x + 1, backend="cpcompile", options={"tp": 2})(torch.ones(2))
