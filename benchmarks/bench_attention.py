@@ -11,6 +11,7 @@ timed the same way, counting read + write). Target: >= 85% of copy bandwidth for
 
 CPU: the pure-torch path on the same shapes scaled down (B 1/4, S 1K..8K, fp32), wall
 clock (median of --iters), beside SDPA and the host's memcpy bandwidth. Under a minute.
+Ours and SDPA are timed interleaved, so their ratio holds up on a shared, loaded machine.
 """
 
 from __future__ import annotations
@@ -30,33 +31,36 @@ TARGET_FRACTION = 0.85  # of copy bandwidth, for S >= TARGET_MIN_S
 TARGET_MIN_S = 32 * 1024
 
 
-def time_op(fn, device: str, warmup: int, iters: int) -> float:
-    """Median seconds per call."""
+def time_ops(fns, device: str, warmup: int, iters: int) -> list[float]:
+    """Median seconds per call of each fn. Calls are interleaved (a, b, a, b, ...) so that
+    ops compared in one row see the same machine load."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     if device == "cuda":
         torch.cuda.synchronize()
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    for _ in range(iters):
+        for fn, ts in zip(fns, times):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                ts.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def copy_bandwidth(device: str, nbytes: int, warmup: int, iters: int) -> float:
     """Bytes/s of a large copy (read + write), timed like the ops."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = time_op(lambda: dst.copy_(src), device, warmup, iters)
+    (t,) = time_ops([lambda: dst.copy_(src)], device, warmup, iters)
     return 2 * nbytes / t
 
 
@@ -83,11 +87,10 @@ def bench_shape(device, dtype, B, Hq, Hkv, S, D, warmup, iters):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
     err = (ours()[0].float() - sdpa().float()).abs().max().item()
-    t_ours = time_op(ours, device, warmup, iters)
     try:
-        t_sdpa = time_op(sdpa, device, warmup, iters)
-    except torch.OutOfMemoryError:
-        t_sdpa = float("nan")
+        t_ours, t_sdpa = time_ops([ours, sdpa], device, warmup, iters)
+    except torch.OutOfMemoryError:  # SDPA's working set; time ours alone
+        (t_ours,), t_sdpa = time_ops([ours], device, warmup, iters), float("nan")
     nbytes = (k.numel() + v.numel() + 2 * q.numel()) * k.element_size()  # K + V + Q + O
     return dict(B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, dtype=str(dtype).removeprefix("torch."),
                 ours_s=t_ours, sdpa_s=t_sdpa, bytes=nbytes, ours_bytes_per_s=nbytes / t_ours,
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
         copy_bytes, name = 2 << 30, torch.cuda.get_device_name()
     else:
         dtype, Bs, Ss = torch.float32, (1, 4), [1024 * 2**i for i in range(4)]  # 1K..8K
-        warmup, iters = args.warmup or 2, args.iters or 5
+        warmup, iters = args.warmup or 2, args.iters or 7
         copy_bytes, name = 256 << 20, f"CPU ({torch.get_num_threads()} threads)"
     copy_bw = copy_bandwidth(device, copy_bytes, warmup, iters)
 
