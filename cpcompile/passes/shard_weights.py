@@ -92,6 +92,8 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str) -> dict[st
                     cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_k]
                 if "v" in p.role and p.role != "kv_up":
                     cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_v]
+                if p.role == "kv_up":  # MLA: the cache-side up-projection makes this rank's K/V heads
+                    cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in (site.key, site.value)]
                 if not cols:
                     raise ValueError(f"shard_weights: {p.weight} ({p.role}) has no column rule")
                 shards[p.weight] = WeightShard(p.weight, kind, group, torch.cat(cols).unique(), (p.out_features, p.in_features))
