@@ -1,4 +1,11 @@
-"""`python -m cpcompile explain --model <arch|config.json|model dir> [--tp N --cp N --combine S]`."""
+"""cpcompile's command line.
+
+    python -m cpcompile explain --model <arch|config.json|model dir> [--tp N --cp N --combine S]
+    python -m cpcompile generate --model <arch|model dir> --tp N --cp N [--max-new-tokens N ...]
+
+`generate` starts dp·tp·cp ranks on this machine (torch's elastic launcher) and runs HF's
+`generate()` on the parallelized model; see cpcompile/launch.py and docs/distributed.md.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +44,38 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--dp", type=int, default=1)
     ex.add_argument("--combine", default="all_to_all", choices=("all_to_all", "ag_rs", "all_gather"))
     ex.add_argument("--kv-interleave", type=int, default=1)
+    gen = sub.add_parser("generate", help="start dp*tp*cp local ranks, parallelize the model, generate, report bytes and time")
+    gen.add_argument("--model", default="llama", help="tiny architecture name or a local HF model directory")
+    gen.add_argument("--tp", type=int, default=1)
+    gen.add_argument("--cp", type=int, default=1)
+    gen.add_argument("--dp", type=int, default=1)
+    gen.add_argument("--combine", default="all_to_all", choices=("all_to_all", "ag_rs", "all_gather"))
+    gen.add_argument("--kv-interleave", type=int, default=1)
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="text (tiny models: its UTF-8 bytes are the token ids)")
+    prompt.add_argument("--prompt-len", type=int, help="a prompt of this many seeded random token ids")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--batch", type=int, default=1)
+    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    gen.add_argument("--lowering", default="inductor", choices=("inductor", "aot_eager", "eager"))
+    gen.add_argument("--timeout", type=int, default=600, help="seconds a rank may wait in a collective")
+    gen.add_argument("--traceback", action="store_true", help="on failure, also print the lowest failing rank's traceback")
     args = parser.parse_args(argv)
+
+    if args.command == "generate":
+        from cpcompile.launch import GenerateSpec, launch
+
+        for name in ("tp", "cp", "dp", "batch", "max_new_tokens", "prompt_len"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an integer >= 1")
+        return launch(
+            GenerateSpec(
+                model=args.model, tp=args.tp, cp=args.cp, dp=args.dp, combine=args.combine,
+                kv_interleave=args.kv_interleave, lowering=args.lowering, prompt=args.prompt,
+                prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, batch=args.batch,
+                dtype=args.dtype, timeout_s=args.timeout, show_traceback=args.traceback,
+            )
+        )
 
     from cpcompile.explain import explain
 
