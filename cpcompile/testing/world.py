@@ -136,13 +136,19 @@ class World:
                     f"Answered: {sorted(replies)}. The world was torn down; the next run() starts a new one.{body}",
                     failed,
                 )
+            dead = [r for s, r in sentinels.items() if s in ready]
             for obj in ready:
                 if obj in pending:
-                    replies[pending[obj]] = obj.recv()
+                    try:
+                        replies[pending[obj]] = obj.recv()
+                    except EOFError:  # the rank exited without answering
+                        dead.append(pending[obj])
             if fail_fast and not all(ok for ok, _ in replies.values()):
                 break
-            dead = [r for s, r in sentinels.items() if s in ready and r not in replies]
+            dead = sorted({r for r in dead if r not in replies})
             if dead:
+                for r in dead:
+                    self._procs[r].join(timeout=5)
                 codes = {r: self._procs[r].exitcode for r in dead}
                 self.close(graceful=False)
                 raise WorldError(f"World: rank(s) {dead} died while {what} (exit codes {codes}); the world was torn down")
