@@ -47,6 +47,11 @@ def cpcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | 
 
 
 def lower(gm: fx.GraphModule, example_inputs: list, lowering: str) -> Callable:
+    if gm.meta.pop("cpcompile_constants", False):
+        # The passes added buffers (weight shards, slot indices) Dynamo has no source for;
+        # AOTAutograd asserts a 1:1 match for a graph tagged as Dynamo's, so drop the tag:
+        # the graph is then compiled like any other GraphModule, its buffers as constants.
+        gm.meta.pop("dynamo_compile_id", None)
     if lowering == "eager":
         return gm.forward
     if lowering == "aot_eager":

@@ -61,6 +61,9 @@ def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prom
         with torch.no_grad():
             try:
                 fn(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                # our own analysis refused the model (MeshError / AttentionError): raise that, unwrapped
+                raise e.inner_exception from None
             except RuntimeError:
                 if not holder:  # a real tracing failure; the marker op raising after capture is expected
                     raise

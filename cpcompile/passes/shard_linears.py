@@ -45,6 +45,7 @@ def _const(gm: fx.GraphModule, tensor: torch.Tensor, prefix: str) -> fx.Node:
         i += 1
     name = f"{prefix}{i}"
     gm.register_buffer(name, tensor)
+    gm.meta["cpcompile_constants"] = True  # see backend.lower: AOT must not match these to Dynamo sources
     node = gm.graph.get_attr(name)
     fakes = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes]
     mode = next((v.fake_mode for v in fakes if hasattr(v, "fake_mode")), None)
