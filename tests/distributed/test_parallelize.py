@@ -35,7 +35,7 @@ def _generate(model, ids, mask, new):
         )
 
 
-def run_parallel(arch, tp, cp, combine, kv_interleave, batch, prompt_len, new_tokens):
+def run_parallel(arch, tp, cp, combine, kv_interleave, batch, prompt_len, new_tokens, lowering="eager"):
     """On every rank: reference generation, then the parallel one; returns what the parent checks."""
     from cpcompile import parallelize
     from cpcompile.parallelize import weight_bytes
@@ -49,7 +49,7 @@ def run_parallel(arch, tp, cp, combine, kv_interleave, batch, prompt_len, new_to
     kv_single = KVCache(model.config.num_hidden_layers, MAX_LENGTH).allocate(ref, batch).kv_bytes()
     ids, mask = _prompts(batch, prompt_len)
     want = _generate(ref, ids, mask, new_tokens)
-    parallelize(model, tp=tp, cp=cp, combine=combine, kv_interleave=kv_interleave, max_length=MAX_LENGTH, lowering="eager")
+    parallelize(model, tp=tp, cp=cp, combine=combine, kv_interleave=kv_interleave, max_length=MAX_LENGTH, lowering=lowering)
     got = _generate(model, ids, mask, new_tokens)
     reports = model._cpcompile.backend.reports
     return dict(
@@ -125,6 +125,15 @@ def test_generate_equals_single_device(request, arch, tp, cp, combine, kv_interl
         assert r["weight_fraction"] < 1.0
 
 
+@pytest.mark.parametrize("lowering, tp, cp", [("aot_eager", 2, 2), ("inductor", 1, 2)])
+def test_compiled_lowerings(request, lowering, tp, cp):
+    """The rewritten graph (local weight shards as constants, functional collectives) through AOT/Inductor."""
+    world = request.getfixturevalue(f"world{tp * cp}")
+    results = world.run(run_parallel, "qwen3", tp, cp, "all_to_all", 1, 2, 6, 16, lowering)
+    check_equivalent(results, 6)
+    assert results[0]["graphs"] == 2
+
+
 def test_prompt_shorter_than_cp(world4):
     results = world4.run(run_parallel, "llama", 1, 4, "all_to_all", 1, 2, 2, 16)
     check_equivalent(results, 2)  # ranks 2 and 3 hold nothing at prefill: lse = -inf, merged exactly
@@ -155,7 +164,7 @@ def bad_mesh(tp, cp):
 
 
 def test_bad_mesh_lists_valid_choices(world2):
-    with pytest.raises(WorldError, match=r"Hq/tp=4 divisible by cp=3.*Valid \(tp, cp\).*\(2, 2\)"):
+    with pytest.raises(WorldError, match=r"(?s)Hq/tp=4 divisible by cp=3.*Valid \(tp, cp\).*\(2, 2\)"):
         world2.run(bad_mesh, 1, 3)
 
 
