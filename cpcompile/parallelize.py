@@ -213,9 +213,9 @@ def _check_same_inputs(args: tuple, kwargs: dict) -> None:
     flat = ids.reshape(-1).double()
     c = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum(),
                      torch.tensor(float(ids.shape[0]), device=flat.device), torch.tensor(float(ids.shape[1]), device=flat.device)])
-    hi, lo = c.clone(), c.clone()
-    dist.all_reduce(hi, dist.ReduceOp.MAX)
-    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    both = torch.cat([c, -c])  # one all-reduce gives the max and (negated) min of every field
+    dist.all_reduce(both, dist.ReduceOp.MAX)
+    hi, lo = both[:4], -both[4:]
     if not torch.equal(hi, lo):
         raise ValueError(
             f"cpcompile: rank {dist.get_rank()} sees inputs that differ from other ranks (checksum {c.tolist()} vs "
