@@ -94,3 +94,15 @@ def test_no_cache_attention_is_rewritten_exactly(eager):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     counts = backend.reports[0].counts
     assert counts["attention_rewritten"] == 1 and counts["attention_with_lse"] == 1 and counts["sdpa_after"] == 0
+
+
+def test_debug_switch_dumps_each_graph_before_and_after_each_pass(tmp_path):
+    toy = _Toy(eager=False)
+    x = torch.randn(1, 4, 32)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()
+    torch.compile(toy, backend="cpcompile", options={"lowering": "eager", "debug_dir": str(tmp_path)})(x, mask)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0].endswith("-0-input.py") and names[1].endswith("-1-rewrite_attention.py")
+    before, after = (tmp_path / n for n in names)
+    assert "scaled_dot_product_attention" in before.read_text()
+    assert "attention_with_lse" in after.read_text() and "scaled_dot_product_attention" not in after.read_text()
