@@ -1,0 +1,192 @@
+"""Hypothesis strategies for cpcompile's equivalence properties (needs `hypothesis`).
+
+    tiny_configs("gemma2")            -> a small, valid transformers.Gemma2Config
+    meshes(config, max_world=4)       -> Mesh(tp, cp, combine, kv_interleave) the config can take
+    invalid_meshes(config)            -> Mesh(...) it cannot (for error tests)
+    prompts(vocab, max_batch, max_len, cp=2) -> ragged token lists (left-padded by assert_equivalent)
+
+Mesh validity is computed from the config's numbers with the rules of
+`cpcompile.passes.plan._problems` (which reads the captured graph instead);
+`tests/testing/test_strategies.py` checks the two agree. `dp` is always 1: attention data
+parallelism is a later milestone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import transformers
+from hypothesis import strategies as st
+
+from cpcompile.passes.plan import COMBINES
+
+PARALLEL_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "gpt_neox")
+"""Architectures cpcompile runs at any valid (tp, cp); deepseek_v3 (MLA) runs at tp = cp = 1 only."""
+SINGLE_DEVICE_ONLY = ("deepseek_v3",)
+
+_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, max_position_embeddings=1024)
+FIRST_TOKEN = 3  # prompts avoid pad / bos / eos
+
+
+@dataclass(frozen=True)
+class Mesh:
+    tp: int
+    cp: int
+    combine: str = "all_to_all"
+    kv_interleave: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.cp
+
+    def options(self) -> dict:
+        """The keywords of `parallelize` / `assert_equivalent` for this mesh."""
+        return dict(tp=self.tp, cp=self.cp, combine=self.combine, kv_interleave=self.kv_interleave)
+
+
+def tiny_model_from_config(config: transformers.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    """A seeded model of `config`, initialised as `cpcompile.tiny.tiny_model` (std 0.2, so
+    logits are O(10) and far from ties). Module-level, so `functools.partial(tiny_model_from_config,
+    config, seed=s)` is a picklable `model_factory`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        for p in model.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@st.composite
+def _heads(draw, max_heads: int = 8):
+    """(Hq, Hkv): Hq in 1..max, Hkv a divisor of Hq (GQA, MQA, MHA)."""
+    hq = draw(st.sampled_from([h for h in (1, 2, 3, 4, 6, 8) if h <= max_heads]))
+    hkv = draw(st.sampled_from([h for h in range(1, hq + 1) if hq % h == 0]))
+    return hq, hkv
+
+
+@st.composite
+def tiny_configs(draw, arch: str):
+    """A small config of HF architecture `arch` (a name of `cpcompile.tiny.ARCHITECTURES`):
+    1-2 layers, 1-8 query heads with any divisor as KV heads, head dims 8-16, widths <= 96,
+    sliding windows (mistral, phi3, gemma2, qwen2/3) and softcaps (gemma2)."""
+    hq, hkv = draw(_heads())
+    d = draw(st.sampled_from([8, 16]))  # even: rotary halves
+    common = dict(
+        _IDS,
+        vocab_size=draw(st.sampled_from([64, 256])),
+        num_hidden_layers=draw(st.integers(1, 2)),
+        num_attention_heads=hq,
+        num_key_value_heads=hkv,
+        intermediate_size=draw(st.sampled_from([24, 32, 40, 48, 64])),
+    )
+    # hidden size where head_dim is its own field; HF still requires a multiple of the heads
+    free_width = hq * draw(st.sampled_from([8, 12, 16]))
+    window = draw(st.sampled_from([None, 3, 8]))
+    if arch == "llama":
+        return transformers.LlamaConfig(**common, hidden_size=free_width, head_dim=d,
+                                        attention_bias=draw(st.booleans()))
+    if arch == "qwen2":
+        sliding = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
+        return transformers.Qwen2Config(**common, hidden_size=hq * d, **sliding)
+    if arch == "qwen3":
+        sliding = dict(use_sliding_window=True, sliding_window=window, max_window_layers=1) if window else {}
+        return transformers.Qwen3Config(**common, hidden_size=free_width, head_dim=d, **sliding)
+    if arch == "mistral":
+        return transformers.MistralConfig(**common, hidden_size=free_width, head_dim=d, sliding_window=window)
+    if arch == "gemma2":
+        return transformers.Gemma2Config(
+            **common, hidden_size=free_width, head_dim=d, query_pre_attn_scalar=d, sliding_window=window or 8,
+            attn_logit_softcapping=draw(st.sampled_from([None, 20.0, 50.0])),
+            final_logit_softcapping=draw(st.sampled_from([None, 30.0])),
+        )
+    if arch == "phi3":
+        return transformers.Phi3Config(**common, hidden_size=hq * d, sliding_window=window)
+    if arch == "gpt_neox":
+        common.pop("num_key_value_heads")  # MHA only
+        return transformers.GPTNeoXConfig(**common, hidden_size=hq * d, rotary_pct=draw(st.sampled_from([0.25, 0.5, 1.0])),
+                                          use_parallel_residual=draw(st.booleans()))
+    if arch == "deepseek_v3":
+        return transformers.DeepseekV3Config(
+            **{**common, "num_key_value_heads": hq}, hidden_size=free_width, moe_intermediate_size=16,
+            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+            first_k_dense_replace=draw(st.integers(0, 1)), kv_lora_rank=16, q_lora_rank=draw(st.sampled_from([None, 24])),
+            qk_rope_head_dim=8, qk_nope_head_dim=d, v_head_dim=draw(st.sampled_from([8, 12])),
+        )
+    raise ValueError(f"tiny_configs: unknown architecture {arch!r}; expected one of {PARALLEL_ARCHITECTURES + SINGLE_DEVICE_ONLY}")
+
+
+# ----------------------------------------------------------------------------- meshes
+
+
+def _dims(config) -> dict:
+    hq = config.num_attention_heads
+    hkv = getattr(config, "num_key_value_heads", None) or hq
+    d = getattr(config, "head_dim", None) or config.hidden_size // hq
+    fused_qkv = config.model_type in ("phi3", "gpt_neox")
+    return dict(Hq=hq, Hkv=hkv, D=d, I=config.intermediate_size, fused_qkv=fused_qkv)
+
+
+def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all") -> list[str]:
+    """Why `config` cannot run at (tp, cp, combine), from its numbers: `plan._problems`'s rules
+    applied to the heads and the projection widths (q, k, v / qkv column over tp; o row over the
+    replica, or over tp for 'all_gather'; gate, up, down / gate_up / fc1, fc2 over the replica)."""
+    if config.model_type in SINGLE_DEVICE_ONLY:
+        return [] if (tp, cp) == (1, 1) else [f"{config.model_type} runs at tp = cp = 1 only"]
+    d, out = _dims(config), []
+    hq, hkv = d["Hq"], d["Hkv"]
+    if hq % tp:
+        out.append(f"Hq={hq} % tp={tp}")
+    if (tp > hkv and tp % hkv) or (tp <= hkv and hkv % tp):
+        out.append(f"Hkv={hkv} vs tp={tp}")
+    if combine == "all_to_all" and (hq // tp) % cp:
+        out.append(f"Hq/tp={hq // tp} % cp={cp}")
+    widths = [("o", hq * d["D"], tp if combine == "all_gather" else tp * cp), ("ffn", d["I"], tp * cp)]
+    widths += [("qkv", (hq + 2 * hkv) * d["D"], tp)] if d["fused_qkv"] else [("q", hq * d["D"], tp), ("kv", hkv * d["D"], tp)]
+    out += [f"{name} width {w} % {g}" for name, w, g in widths if g > 1 and w % g]
+    return out
+
+
+def valid_meshes_of(config, max_world: int = 4, combine: str = "all_to_all") -> list[tuple[int, int]]:
+    """(tp, cp) with tp*cp <= max_world, in `plan.valid_meshes`'s order."""
+    return [(tp, cp) for tp in range(1, max_world + 1) for cp in range(1, max_world // tp + 1)
+            if not mesh_problems(config, tp, cp, combine)]
+
+
+@st.composite
+def meshes(draw, model_config, max_world: int = 4, min_world: int = 1, max_interleave: int = 3):
+    """A `Mesh` `model_config` can take, min_world <= tp*cp <= max_world (falling back to
+    (1, 1), always valid, when no larger one is); kv_interleave matters only at cp > 1."""
+    choices = [(tp, cp, c) for c in COMBINES for tp, cp in valid_meshes_of(model_config, max_world, c)]
+    choices = [m for m in choices if m[0] * m[1] >= min_world] or [(1, 1, "all_to_all")]
+    tp, cp, combine = draw(st.sampled_from(choices))
+    interleave = draw(st.integers(1, max_interleave)) if cp > 1 else 1
+    return Mesh(tp, cp, combine, interleave)
+
+
+@st.composite
+def invalid_meshes(draw, model_config, max_world: int = 16):
+    """A `Mesh` (tp, cp >= 1, a known combine) `model_config` cannot take; tp*cp <= max_world."""
+    choices = [(tp, cp, c) for c in COMBINES for tp in range(1, max_world + 1) for cp in range(1, max_world // tp + 1)
+               if mesh_problems(model_config, tp, cp, c)]
+    st_choice = st.sampled_from(choices) if choices else st.nothing()
+    tp, cp, combine = draw(st_choice)
+    return Mesh(tp, cp, combine, draw(st.integers(1, 3)))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@st.composite
+def prompts(draw, vocab: int, max_batch: int = 3, max_len: int = 8, cp: int = 1):
+    """A batch of 1..max_batch token lists of lengths 1..max_len (ragged, so rows are left-padded),
+    which includes, with cp > 1, prompts shorter than cp (CP ranks with nothing at prefill)."""
+    batch = draw(st.integers(1, max_batch))
+    short = st.integers(1, max(1, cp - 1)) if cp > 1 else st.integers(1, max_len)
+    length = st.one_of(short, st.integers(1, max_len))
+    token = st.integers(FIRST_TOKEN, vocab - 1)
+    return [draw(st.lists(token, min_size=n, max_size=n)) for n in draw(st.lists(length, min_size=batch, max_size=batch))]
