@@ -43,7 +43,6 @@ import platform
 import statistics
 import sys
 import time
-import traceback
 
 import torch
 

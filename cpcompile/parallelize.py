@@ -17,6 +17,7 @@ What it does to `model` (nothing else is edited):
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 import weakref
 from dataclasses import dataclass, field
 
@@ -27,6 +28,10 @@ from cpcompile.backend import Backend
 from cpcompile.cache import KVCache, kv_shapes
 from cpcompile.options import Options
 from cpcompile.passes import Analysis, analyze
+
+if TYPE_CHECKING:
+    from cpcompile.distributed import RankInfo
+    from cpcompile.passes import Parallel
 
 DEFAULT_MAX_LENGTH = 2048
 

@@ -93,8 +93,18 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
             out.append(f"layer {s.index}: tp={mesh.tp} > Hkv={d['Hkv']} KV heads and Hkv does not divide tp")
         if mesh.tp <= d["Hkv"] and d["Hkv"] % mesh.tp:
             out.append(f"layer {s.index}: Hkv={d['Hkv']} KV heads are not divisible by tp={mesh.tp}")
-        if mesh.combine == "all_to_all" and (d["Hq"] // mesh.tp) % mesh.cp:
-            out.append(f"layer {s.index}: combine='all_to_all' needs Hq/tp={d['Hq'] // max(mesh.tp, 1)} divisible by cp={mesh.cp} (use 'all_gather')")
+        if mesh.combine in ("all_to_all", "ag_rs") and (d["Hq"] // mesh.tp) % mesh.cp:
+            # both hand each CP rank 1/cp of this TP rank's heads (all-to-all / reduce-scatter over heads)
+            out.append(
+                f"layer {s.index}: combine={mesh.combine!r} needs Hq/tp={d['Hq'] // max(mesh.tp, 1)} divisible by "
+                f"cp={mesh.cp} (use 'all_gather')"
+            )
+    mla = sorted({p.layer for p in roles.projections if p.role == "kv_up"})
+    if mla and mesh.replica > 1:
+        out.append(
+            f"layers {mla}: MLA attention (K/V up-projected from cached latents, DeepSeek-V2/V3) runs at "
+            "tp = cp = 1 only in this version"
+        )
     for p in roles.projections:
         pl = placement_for(p.role, mesh)
         if pl == "replicate":

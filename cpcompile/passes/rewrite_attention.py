@@ -34,8 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from typing import TYPE_CHECKING
+
 from cpcompile.passes._fx import getitem_user, insert_call, is_op, shape, val
 from cpcompile.passes.find_attention import AttentionError, AttentionSite
+
+if TYPE_CHECKING:
+    from cpcompile.distributed import RankInfo
 
 _ALL = slice(None)
 

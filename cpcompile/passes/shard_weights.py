@@ -19,14 +19,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import fx
 
 from cpcompile.distributed import RankInfo
 
 from cpcompile.passes._probe import column_support, forward_support
 from cpcompile.passes.find_projections import _new_kv
 from cpcompile.passes.plan import placement_for
+
+if TYPE_CHECKING:
+    from cpcompile.passes import Analysis
 
 
 @dataclass

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import pickle
-import textwrap
 from dataclasses import dataclass, field
 
 import torch

@@ -143,7 +143,7 @@ def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all") -> list
         out.append(f"Hq={hq} % tp={tp}")
     if (tp > hkv and tp % hkv) or (tp <= hkv and hkv % tp):
         out.append(f"Hkv={hkv} vs tp={tp}")
-    if combine == "all_to_all" and (hq // tp) % cp:
+    if combine in ("all_to_all", "ag_rs") and (hq // tp) % cp:
         out.append(f"Hq/tp={hq // tp} % cp={cp}")
     widths = [("o", hq * d["D"], tp if combine == "all_gather" else tp * cp), ("ffn", d["I"], tp * cp)]
     widths += [("qkv", (hq + 2 * hkv) * d["D"], tp)] if d["fused_qkv"] else [("q", hq * d["D"], tp), ("kv", hkv * d["D"], tp)]

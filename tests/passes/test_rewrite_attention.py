@@ -14,7 +14,7 @@ from cpcompile.passes._fx import op_count
 from cpcompile.tiny import ARCHITECTURES, tiny_model
 from transformers import DynamicCache
 
-from tests.passes._graphs import capture_graph, hf_graph
+from tests.passes._graphs import hf_graph
 
 FP32_ATOL = 1e-5  # fp32 logits of the tiny models are O(10); summation order differs
 

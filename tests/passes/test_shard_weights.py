@@ -1,7 +1,6 @@
 """This rank's columns of every sharded linear, found by dependency probing (no process group needed)."""
 
 import pytest
-import torch
 
 from cpcompile.distributed import RankInfo
 from cpcompile.options import Options

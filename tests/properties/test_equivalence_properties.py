@@ -12,10 +12,10 @@ import functools
 
 import pytest
 import transformers
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
-from cpcompile.testing import FP32_TOLERANCE, WorldError, assert_equivalent
+from cpcompile.testing import FP32_TOLERANCE, assert_equivalent
 from cpcompile.testing.strategies import (
     PARALLEL_ARCHITECTURES,
     SINGLE_DEVICE_ONLY,
@@ -24,12 +24,6 @@ from cpcompile.testing.strategies import (
     tiny_configs,
     tiny_model_from_config,
 )
-
-
-def known_bug(config, mesh) -> bool:
-    """Meshes the plan accepts but the rewrite fails on (reported; see the regression test below):
-    combine='ag_rs' with Hq/tp query heads not divisible by cp (reduce-scatter over heads)."""
-    return mesh.combine == "ag_rs" and (config.num_attention_heads // mesh.tp) % mesh.cp != 0
 
 
 def _check(worlds, config, mesh, batch, steps, seed):
@@ -48,7 +42,6 @@ def _check(worlds, config, mesh, batch, steps, seed):
 def test_parallel_equals_single_device(worlds, arch, data):
     config = data.draw(tiny_configs(arch), label="config")
     mesh = data.draw(meshes(config, max_world=4, min_world=2), label="mesh")
-    assume(not known_bug(config, mesh))
     batch = data.draw(prompts(config.vocab_size, max_batch=3, max_len=7, cp=mesh.cp), label="prompts")
     steps = data.draw(st.integers(1, 5), label="max_new_tokens")
     _check(worlds, config, mesh, batch, steps, data.draw(st.integers(0, 3), label="seed"))
@@ -70,11 +63,13 @@ def _ag_rs_llama(num_attention_heads):
                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-@pytest.mark.xfail(raises=WorldError, strict=True,
-                   reason="cpcompile bug found by the property above: plan accepts combine='ag_rs' with Hq/tp % cp != 0, "
-                          "rewrite_attention then fails (shape '[1, 2, 0, 3, 8]' is invalid)")
 @pytest.mark.parametrize("heads", [1, 3])
-def test_regression_ag_rs_with_heads_not_divisible_by_cp(worlds, heads):
-    from cpcompile.testing.strategies import Mesh
+def test_regression_ag_rs_with_heads_not_divisible_by_cp(heads):
+    """Found by the property above: the plan accepted combine='ag_rs' with Hq/tp % cp != 0 and the
+    rewrite then failed on a reshape; the plan now refuses it with the valid choices."""
+    from cpcompile import parallelize
+    from cpcompile.passes.plan import MeshError
 
-    _check(worlds, _ag_rs_llama(heads), Mesh(1, 2, "ag_rs", 1), [[3]], 1, 0)
+    model = tiny_model_from_config(_ag_rs_llama(heads), seed=0)
+    with pytest.raises(MeshError, match=r"(?s)combine='ag_rs' needs Hq/tp=\d divisible by cp=2.*Valid \(tp, cp\)"):
+        parallelize(model, tp=1, cp=2, combine="ag_rs")
