@@ -46,19 +46,10 @@ import time
 
 import torch
 
+from _machine import cpu_model
+
 KINDS = ("all_reduce", "all_to_all", "all_gather", "reduce_scatter")
 SHORT = {"all_reduce": "AR", "all_to_all": "A2A", "all_gather": "AG", "reduce_scatter": "RS"}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def parse_args(argv=None):
