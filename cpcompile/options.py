@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 LOWERINGS = ("inductor", "aot_eager", "eager")
+COMBINES = ("all_to_all", "ag_rs", "all_gather")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Options:
         return opts
 
     def validate(self) -> None:
+        if self.combine not in COMBINES:
+            raise ValueError(f"cpcompile: combine={self.combine!r}; expected one of {COMBINES}")
         if self.lowering not in LOWERINGS:
             raise ValueError(f"cpcompile: lowering={self.lowering!r}; expected one of {LOWERINGS}")
         for name in ("tp", "cp", "dp", "kv_interleave"):

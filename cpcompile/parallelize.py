@@ -96,8 +96,9 @@ def parallelize(
     """
     if getattr(model, "_cpcompile", None) is not None:
         raise ValueError("parallelize: this model is already parallelized by cpcompile")
-    options = Options(tp=tp, cp=cp, dp=dp, combine=combine, kv_interleave=kv_interleave, lowering=lowering, debug_dir=debug_dir)
-    options.validate()
+    options = Options.from_dict(
+        dict(tp=tp, cp=cp, dp=dp, combine=combine, kv_interleave=kv_interleave, lowering=lowering, debug_dir=debug_dir)
+    )  # validates; debug_dir falls back to env CPCOMPILE_DEBUG_DIR
     if max_length < 1:
         raise ValueError(f"parallelize: max_length={max_length}; expected a positive number of tokens")
     if dp != 1:

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cpcompile.options import COMBINES
 from cpcompile.passes.find_attention import AttentionSite
 from cpcompile.passes.find_projections import Roles
-
-COMBINES = ("all_to_all", "ag_rs", "all_gather")
 
 _PLACEMENT = {
     "q": "column/tp", "k": "column/tp", "v": "column/tp", "qkv": "packed-column/tp", "kv": "packed-column/tp",
