@@ -63,6 +63,11 @@ def explain(
 ) -> Explanation:
     from cpcompile.parallelize import capture
 
+    if getattr(model, "_cpcompile", None) is not None:
+        raise ValueError(
+            "explain: this model is already parallelized (its sharded weights are stand-ins); call "
+            "cpcompile.explain on the model before cpcompile.parallelize"
+        )
     mesh = Mesh(tp, cp, dp, combine)
     analysis = capture(model, Options())  # analysed at tp = cp = 1: explain reports mesh problems, never raises on them
     problems = _problems(analysis.roles, analysis.sites, mesh)

@@ -53,3 +53,9 @@ def test_backend_string_refuses_parallel_options():
 
     with pytest.raises(Exception, match="use parallelize for a parallel model"):
         torch.compile(lambda x: x + 1, backend="cpcompile", options={"tp": 2})(torch.ones(2))
+
+
+def test_explain_after_parallelize_is_refused():
+    model = cpcompile.parallelize(tiny_model("llama"), lowering="eager")
+    with pytest.raises(ValueError, match="before cpcompile.parallelize"):
+        cpcompile.explain(model)
