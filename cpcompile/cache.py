@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from cpcompile.kernels.layout import local_slot, owner_rank
+from cpcompile.kernels.layout import kv_head_range, local_slot, owner_rank
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,8 @@ class CacheLayout:
         return math.ceil(self.max_length / block) * self.kv_interleave
 
     def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
-        """[start, stop) of the KV heads this TP rank keeps: Hkv/tp of them, or, when tp > Hkv,
-        the one head its query heads read (DESIGN.md section 2)."""
-        if self.tp <= num_kv_heads:
-            per = num_kv_heads // self.tp
-            return self.tp_rank * per, (self.tp_rank + 1) * per
-        h = self.tp_rank // (self.tp // num_kv_heads)
-        return h, h + 1
+        """[start, stop) of the KV heads this TP rank keeps (`layout.kv_head_range`)."""
+        return kv_head_range(num_kv_heads, self.tp, self.tp_rank)
 
 
 _READ_OUTSIDE_CPCOMPILE = (

@@ -38,6 +38,16 @@ def local_slot(p, cp: int, kv_interleave: int = 1):
     return (p // (kv_interleave * cp)) * kv_interleave + p % kv_interleave
 
 
+def kv_head_range(num_kv_heads: int, tp: int, tp_rank: int) -> tuple[int, int]:
+    """[start, stop) of the KV heads TP rank `tp_rank` keeps: Hkv/tp of them, or, when tp > Hkv
+    (and Hkv divides tp), the one head its query heads read (DESIGN.md section 2)."""
+    if tp <= num_kv_heads:
+        per = num_kv_heads // tp
+        return tp_rank * per, (tp_rank + 1) * per
+    h = tp_rank // (tp // num_kv_heads)
+    return h, h + 1
+
+
 def shard_positions(seq_len: int, cp: int, cp_rank: int, kv_interleave: int = 1) -> torch.Tensor:
     """Global positions (ascending, int64) among ``0..seq_len-1`` held by ``cp_rank``.
 

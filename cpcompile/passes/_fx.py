@@ -25,7 +25,6 @@ _FUNCTIONS: dict[str, tuple[Callable, ...]] = {
     "truediv": (operator.truediv, torch.div),
     "add": (operator.add, torch.add),
     "getitem": (operator.getitem,),
-    "kv_cache_read": (),  # filled lazily: the op lives in cpcompile.cache
 }
 _METHODS: dict[str, tuple[str, ...]] = {
     "matmul": ("matmul", "__matmul__"),
@@ -96,31 +95,26 @@ def getitem_user(node: fx.Node, index: int) -> fx.Node | None:
     return None
 
 
+def _reach(start: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]], stop: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(start)
+    while todo:
+        for m in step(todo.pop()):
+            if m not in seen:
+                seen.add(m)
+                if not stop(m):
+                    todo.append(m)
+    return seen
+
+
 def ancestors(node: fx.Node, stop: Callable[[fx.Node], bool]) -> set[fx.Node]:
     """All nodes `node` depends on, not walking past nodes for which `stop` is true (they are included)."""
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                if not stop(a):
-                    todo.append(a)
-    return seen
+    return _reach([node], lambda n: n.all_input_nodes, stop)
 
 
 def descendants(nodes: Iterable[fx.Node], stop: Callable[[fx.Node], bool]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = list(nodes)
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in seen:
-                seen.add(u)
-                if not stop(u):
-                    todo.append(u)
-    return seen
+    """All nodes that depend on `nodes`, not walking past nodes for which `stop` is true (they are included)."""
+    return _reach(nodes, lambda n: n.users, stop)
 
 
 def strip_repeat_kv(node: fx.Node) -> tuple[fx.Node, int]:

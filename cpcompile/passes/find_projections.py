@@ -48,9 +48,6 @@ class Roles:
     def by_layer(self, layer: int) -> list[Projection]:
         return [p for p in self.projections if p.layer == layer]
 
-    def role_of(self, weight: str) -> str | None:
-        return next((p.role for p in self.projections if p.weight == weight), None)
-
 
 def _is_linear(n: fx.Node) -> bool:
     return is_op(n, "linear")

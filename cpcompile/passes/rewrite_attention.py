@@ -36,6 +36,7 @@ from torch import fx
 
 from typing import TYPE_CHECKING
 
+from cpcompile.kernels.layout import kv_head_range
 from cpcompile.passes._fx import getitem_user, insert_call, is_op, shape, val
 from cpcompile.passes.find_attention import AttentionError, AttentionSite
 
@@ -84,7 +85,7 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
                     )
                 k, v = site.key, site.value
                 if par is not None and par.info.tp > 1:
-                    kv0, kv1 = _kv_heads(par.info, d["Hkv"])
+                    kv0, kv1 = kv_head_range(d["Hkv"], par.info.tp, par.info.tp_rank)
                     k = insert_call(g, operator.getitem, (k, (_ALL, slice(kv0, kv1))))
                     v = insert_call(g, operator.getitem, (v, (_ALL, slice(kv0, kv1))))
                 s, lq = d["S"], d["Lq"]
@@ -185,12 +186,6 @@ def _erase_dead(roots: list[fx.Node]) -> None:
 
 
 _c10d = torch.ops._c10d_functional
-
-
-def _kv_heads(info, hkv: int) -> tuple[int, int]:
-    from cpcompile.passes.shard_weights import _kv_heads as kv
-
-    return kv(info, hkv)
 
 
 def _mask_to_slots(gm: fx.GraphModule, mask: fx.Node, s_local: int, par: AttentionParallel) -> fx.Node:

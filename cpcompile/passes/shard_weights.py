@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cpcompile.distributed import RankInfo
+from cpcompile.kernels.layout import kv_head_range
 
 from cpcompile.passes._probe import column_support, forward_support
 from cpcompile.passes.find_projections import _new_kv
@@ -78,7 +79,7 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str) -> dict[st
     for site in analysis.sites:
         d = site.dims
         heads = head_ranges(info, d["Hq"], combine)
-        kv0, kv1 = _kv_heads(info, d["Hkv"])
+        kv0, kv1 = kv_head_range(d["Hkv"], info.tp, info.tp_rank)
         new_k, new_v = _new_kv(site)
         layer = by_layer.get(site.index, [])
         ffn_row = None
@@ -120,14 +121,6 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str) -> dict[st
                 cols = column_support(p.node, down.node.args[0], lambda t: t[..., c0:c1])
                 shards[p.weight] = WeightShard(p.weight, "column", "replica", cols, (p.out_features, p.in_features))
     return shards
-
-
-def _kv_heads(info: RankInfo, hkv: int) -> tuple[int, int]:
-    if info.tp <= hkv:
-        per = hkv // info.tp
-        return info.tp_rank * per, (info.tp_rank + 1) * per
-    h = info.tp_rank // (info.tp // hkv)
-    return h, h + 1
 
 
 def local_tensors(shard: WeightShard, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:

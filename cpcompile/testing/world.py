@@ -167,7 +167,7 @@ class World:
                 try:
                     conn.send_bytes(b"")
                 except OSError:
-                    pass
+                    pass  # that rank is already gone; join/kill below handles it
         for proc in self._procs:
             proc.join(timeout=10 if graceful else 0)
             if proc.is_alive():
