@@ -7,7 +7,8 @@ world = dp x tp x cp, CP innermost: rank = (dp_rank * tp + tp_rank) * cp + cp_ra
 | cp      | same dp_rank, tp_rank           | combining partial attention (every layer)  |
 | tp      | same dp_rank, cp_rank           | head sharding of attention                 |
 | replica | the tp*cp ranks of one replica  | o_proj / FFN row-parallel all-reduce       |
-| dp      | same tp_rank, cp_rank           | splitting the batch                        |
+| dp      | same tp_rank, cp_rank           | splitting the batch, gathering results     |
+| world   | every rank                      | the FFN under ffn='world_tp'               |
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class RankInfo:
             return [base(d, i, j) for i in range(self.tp) for j in range(self.cp)]
         if group == "dp":
             return [base(i, t, c) for i in range(self.dp)]
+        if group == "world":
+            return list(range(self.dp * self.tp * self.cp))
         raise ValueError(f"unknown group {group!r}")
 
 
@@ -100,4 +103,5 @@ def init_groups(tp: int, cp: int, dp: int, device: torch.device) -> Groups:
             if me.rank in ranks:
                 mine = g
         handles[kind] = mine
+    handles["world"] = dist.group.WORLD
     return Groups(me, handles)

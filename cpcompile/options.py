@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 LOWERINGS = ("inductor", "aot_eager", "eager")
 COMBINES = ("all_to_all", "ag_rs", "all_gather")
+FFNS = ("tp", "sp", "world_tp")
+DP_INPUTS = ("global", "local")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,12 @@ class Options:
     """Attention data-parallel degree: batch rows are split over dp replicas."""
     combine: str = "all_to_all"
     """How CP partial attentions are combined: 'all_to_all' (Helix), 'ag_rs' (vLLM DCP), 'all_gather'."""
+    ffn: str = "tp"
+    """FFN placement: 'tp' (over the replica's tp*cp ranks), 'sp' (tokens split over the CP group,
+    FFN tensor-parallel over tp), 'world_tp' (tokens of all replicas gathered, FFN over all ranks)."""
+    dp_inputs: str = "global"
+    """With dp > 1: 'global' (every rank passes the same batch; rows are split over the replicas and
+    every rank gets the whole batch back) or 'local' (each replica passes its own requests)."""
     kv_interleave: int = 1
     """Runs of this many consecutive tokens go to the same CP rank (DESIGN.md section 2)."""
     lowering: str = "inductor"
@@ -43,6 +51,10 @@ class Options:
     def validate(self) -> None:
         if self.combine not in COMBINES:
             raise ValueError(f"cpcompile: combine={self.combine!r}; expected one of {COMBINES}")
+        if self.ffn not in FFNS:
+            raise ValueError(f"cpcompile: ffn={self.ffn!r}; expected one of {FFNS}")
+        if self.dp_inputs not in DP_INPUTS:
+            raise ValueError(f"cpcompile: dp_inputs={self.dp_inputs!r}; expected one of {DP_INPUTS}")
         if self.lowering not in LOWERINGS:
             raise ValueError(f"cpcompile: lowering={self.lowering!r}; expected one of {LOWERINGS}")
         for name in ("tp", "cp", "dp", "kv_interleave"):

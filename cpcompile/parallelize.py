@@ -17,6 +17,7 @@ What it does to `model` (nothing else is edited):
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import TYPE_CHECKING
 import weakref
 from dataclasses import dataclass, field
@@ -26,11 +27,12 @@ from transformers import Cache, DynamicCache
 
 from cpcompile.backend import Backend
 from cpcompile.cache import KVCache, kv_shapes
+from cpcompile.data_parallel import REPLICA_LAYOUT, agree_on_settings, exchange_layout, split_rows, take_rows
 from cpcompile.options import Options
 from cpcompile.passes import Analysis, analyze
 
 if TYPE_CHECKING:
-    from cpcompile.distributed import RankInfo
+    from cpcompile.distributed import Groups, RankInfo
     from cpcompile.passes import Parallel
 
 DEFAULT_MAX_LENGTH = 2048
@@ -47,6 +49,7 @@ class ParallelState:
     kv_shapes: list  # per layer (Hkv, Dk, Dv, dtype), see cpcompile.cache.kv_shapes
     rank: "RankInfo | None" = None
     parallel: "Parallel | None" = None
+    groups: "Groups | None" = None
     caches: "weakref.WeakKeyDictionary[Cache, KVCache]" = field(default_factory=weakref.WeakKeyDictionary)
     seen: "weakref.WeakKeyDictionary[KVCache, int]" = field(default_factory=weakref.WeakKeyDictionary)
 
@@ -84,6 +87,8 @@ def parallelize(
     cp: int = 1,
     dp: int = 1,
     combine: str = "all_to_all",
+    ffn: str = "tp",
+    dp_inputs: str = "global",
     kv_interleave: int = 1,
     max_length: int = DEFAULT_MAX_LENGTH,
     lowering: str = "inductor",
@@ -91,43 +96,100 @@ def parallelize(
 ) -> torch.nn.Module:
     """Compile `model` with cpcompile; returns the same model object, ready for `generate()`.
 
-    `max_length` is the most tokens (prompt + generated) one sequence may reach; the KV
-    cache is preallocated for it.
+    Runs on `dp * tp * cp` ranks (DESIGN.md section 1). `ffn` places the FFN ('tp', 'sp',
+    'world_tp'; section 3); `dp_inputs` says whether every rank passes the same batch ('global':
+    rows are split over the dp replicas and every rank gets the whole batch back) or each
+    replica its own requests ('local'). `max_length` is the most tokens (prompt + generated)
+    one sequence may reach; the KV cache is preallocated for it.
     """
     if getattr(model, "_cpcompile", None) is not None:
         raise ValueError("parallelize: this model is already parallelized by cpcompile")
     options = Options.from_dict(
-        dict(tp=tp, cp=cp, dp=dp, combine=combine, kv_interleave=kv_interleave, lowering=lowering, debug_dir=debug_dir)
+        dict(tp=tp, cp=cp, dp=dp, combine=combine, ffn=ffn, dp_inputs=dp_inputs, kv_interleave=kv_interleave,
+             lowering=lowering, debug_dir=debug_dir)
     )  # validates; debug_dir falls back to env CPCOMPILE_DEBUG_DIR
     if max_length < 1:
         raise ValueError(f"parallelize: max_length={max_length}; expected a positive number of tokens")
-    if dp != 1:
-        raise ValueError(f"parallelize: dp={dp}; attention data parallelism is not part of this version (use dp=1)")
     model.eval()
     analysis = capture(model, options)  # validates the mesh; raises MeshError / AttentionError
     shapes = kv_shapes(model)
-    parallel, info = None, None
-    if tp * cp > 1:
-        parallel, info = _shard_model(model, analysis, options)
+    parallel, groups = None, None
+    if dp * tp * cp > 1:
+        parallel, groups = _shard_model(model, analysis, options)
     backend = Backend(options, parallel)
-    state = ParallelState(options, max_length, analysis, backend, shapes, info, parallel)
-    compiled = torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=False)
+    state = ParallelState(options, max_length, analysis, backend, shapes, groups.info if groups else None, parallel, groups)
+    model_forward = model.forward
 
-    @functools.wraps(model.forward)
+    def step(*args, replica_layout=None, **kwargs):
+        if replica_layout is not None:  # the rows and tokens of every replica, as graph constants
+            key = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+            kwargs[key] = REPLICA_LAYOUT(kwargs[key], list(replica_layout[0]), list(replica_layout[1]))
+        return model_forward(*args, **kwargs)
+
+    compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+    signature = inspect.signature(model_forward)
+
+    @functools.wraps(model_forward)
     def forward(*args, **kwargs):
-        kwargs = _with_cpcompile_cache(model, state, args, kwargs)
+        kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
+        kwargs.update(kwargs.pop("kwargs", {}))
+        layout = None
         if state.rank is not None:
-            _check_same_inputs(args, kwargs)
-        return compiled(*args, **kwargs)
+            kwargs, layout = _replica_inputs(state, kwargs)
+        kwargs = _with_cpcompile_cache(model, state, kwargs)
+        return compiled(replica_layout=layout, **kwargs)
 
     model.forward = forward
+    if state.rank is not None:
+        model.generate = _lockstep_generate(model, state, model.generate)
     model._cpcompile = state
     model.generation_config.disable_compile = True
     return model
 
 
-def _with_cpcompile_cache(model, state: ParallelState, args: tuple, kwargs: dict) -> dict:
-    ids = kwargs.get("input_ids", args[0] if args else None)
+def _replica_inputs(state: ParallelState, kwargs: dict) -> tuple[dict, tuple | None]:
+    """Check that the ranks that must see the same inputs do, and (dp > 1) cut this replica's rows.
+    Returns the kwargs to run and the replica layout the graph needs (None when it needs none)."""
+    o, info, groups = state.options, state.rank, state.groups
+    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if ref is None:
+        raise ValueError("cpcompile: the forward needs input_ids or inputs_embeds")
+    if o.dp == 1 or o.dp_inputs == "global":
+        _check_same_inputs(ref, None)  # every rank: the same batch
+    elif o.tp * o.cp > 1:
+        _check_same_inputs(ref, groups.handles["replica"])  # local mode: the same requests within a replica
+    if o.dp == 1:
+        return kwargs, None
+    batch, length = ref.shape[0], ref.shape[1]
+    if o.dp_inputs == "global":
+        rows = split_rows(batch, o.dp)
+        start = sum(rows[: info.dp_rank])
+        kwargs = take_rows(kwargs, batch, start, start + rows[info.dp_rank])
+        return kwargs, (tuple(rows), tuple(r * length for r in rows))
+    if o.ffn == "world_tp":  # the FFN gathers every replica's tokens: all must know the counts
+        rows, tokens = exchange_layout(batch, batch * length, groups.handles["dp"])
+        return kwargs, (tuple(rows), tuple(tokens))
+    return kwargs, None
+
+
+def _lockstep_generate(model, state: ParallelState, generate):
+    """`generate` that first checks every rank runs it with the same settings and, where replicas
+    exchange data every step but may stop at different steps (local requests under
+    ffn='world_tp'), keeps the finished ones stepping (HF's synced_gpus) until all are done."""
+
+    @functools.wraps(generate)
+    def lockstep(*args, **kwargs):
+        agree_on_settings(model, kwargs)
+        o = state.options
+        if o.dp > 1 and o.dp_inputs == "local" and o.ffn == "world_tp":
+            kwargs.setdefault("synced_gpus", True)
+        return generate(*args, **kwargs)
+
+    return lockstep
+
+
+def _with_cpcompile_cache(model, state: ParallelState, kwargs: dict) -> dict:
+    ids = kwargs.get("input_ids")
     embeds = kwargs.get("inputs_embeds")
     ref = ids if ids is not None else embeds
     batch, new_tokens = ref.shape[0], ref.shape[1]
@@ -191,7 +253,7 @@ def _shard_model(model, analysis: Analysis, options: Options):
 
     groups = init_groups(options.tp, options.cp, options.dp, _device(model))
     info = groups.info
-    shards = shard_weights(analysis, info, options.combine)
+    shards = shard_weights(analysis, info, options.combine, options.ffn)
     params = dict(model.named_parameters())
     local = {}
     for name, shard in shards.items():
@@ -205,27 +267,25 @@ def _shard_model(model, analysis: Analysis, options: Options):
                 full = mod._parameters[attr]
                 stub = torch.empty(1, dtype=full.dtype, device=full.device).expand(full.shape)
                 mod._parameters[attr] = torch.nn.Parameter(stub, requires_grad=False)
-    names = {k: groups.name(k) for k in ("cp", "tp", "replica")}
-    return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave), shards, local), info
+    names = {k: groups.name(k) for k in ("cp", "tp", "replica", "dp", "world")}
+    return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave), shards, local), groups
 
 
-def _check_same_inputs(args: tuple, kwargs: dict) -> None:
-    """Every rank must be given the same inputs; a cheap checksum catches a rank that is not."""
+def _check_same_inputs(ids: torch.Tensor, group) -> None:
+    """Every rank of `group` (None: all) must be given the same inputs; a cheap checksum catches one that is not."""
     import torch.distributed as dist
 
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        ids = kwargs["inputs_embeds"]
     flat = ids.reshape(-1).double()
     c = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum(),
                      torch.tensor(float(ids.shape[0]), device=flat.device), torch.tensor(float(ids.shape[1]), device=flat.device)])
     both = torch.cat([c, -c])  # one all-reduce gives the max and (negated) min of every field
-    dist.all_reduce(both, dist.ReduceOp.MAX)
+    dist.all_reduce(both, dist.ReduceOp.MAX, group=group)
     hi, lo = both[:4], -both[4:]
     if not torch.equal(hi, lo):
+        who = "every rank" if group is None else "every rank of a replica (its tp*cp ranks)"
         raise ValueError(
             f"cpcompile: rank {dist.get_rank()} sees inputs that differ from other ranks (checksum {c.tolist()} vs "
-            f"min {lo.tolist()} / max {hi.tolist()}); every rank must pass the same input_ids"
+            f"min {lo.tolist()} / max {hi.tolist()}); {who} must pass the same input_ids"
         )
 
 

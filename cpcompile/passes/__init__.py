@@ -6,6 +6,10 @@
 4. rewrite_attention — cache read + attention -> attention_with_lse over this rank's heads
                        and slots, plus the CP combine collectives.           (rewrites)
 5. shard_linears     — sharded projections -> local linears + all-reduces.     (rewrites)
+6. gather_replicas   — dp > 1: the replica-layout marker out; in global mode the
+                       outputs all-gathered over the dp group.                  (rewrites)
+7. split_tokens      — ffn='sp' / 'world_tp': the token layout outside attention
+                       (reduce-scatter after o_proj / down, all-gathers).       (rewrites)
 
 (Pass 2b, shard_weights, runs once at `parallelize` on the captured graph: it decides each
 rank's columns; passes 4 and 5 execute that on every graph Dynamo produces.)
@@ -20,6 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from cpcompile.options import Options
@@ -28,7 +33,9 @@ from cpcompile.passes.find_attention import AttentionSite, find_attention_sites
 from cpcompile.passes.find_projections import Roles, find_projections
 from cpcompile.passes.plan import Mesh, Placement, plan
 from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
+from cpcompile.passes.gather_replicas import gather_replicas, replica_layout
 from cpcompile.passes.shard_linears import shard_linears
+from cpcompile.passes.split_tokens import TokenSplit, split_tokens
 
 
 @dataclass
@@ -48,7 +55,7 @@ class PassReport:
 def analyze(gm: fx.GraphModule, options: Options) -> Analysis:
     sites = find_attention_sites(gm)
     roles = find_projections(gm, sites)
-    placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine))
+    placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn))
     return Analysis(sites, roles, placements, _notes(gm, sites, roles))
 
 
@@ -71,6 +78,14 @@ class Parallel:
     attention: "AttentionParallel"
     shards: dict  # parameter name -> WeightShard
     local: dict  # parameter name -> (local weight, local bias | None)
+
+    @property
+    def info(self):
+        return self.attention.info
+
+    @property
+    def group_names(self) -> dict:
+        return self.attention.group_names
 
 
 _COLLECTIVES = {
@@ -119,8 +134,18 @@ def run_passes(gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel
     result = rewrite_attention(gm, analysis.sites, parallel.attention if parallel else None)
     dump(gm, "1-rewrite_attention")
     if parallel is not None:
-        counts["linears_sharded"] = sum(shard_linears(gm, parallel.shards, parallel.local, parallel.attention.group_names).values())
+        counts["linears_sharded"] = sum(shard_linears(gm, parallel.shards, parallel.local, parallel.group_names).values())
         dump(gm, "2-shard_linears")
+        layout = replica_layout(gm)
+        if options.dp > 1:
+            gather_replicas(gm, parallel.info.dp_rank, parallel.group_names["dp"], options.dp_inputs == "global")
+            dump(gm, "3-gather_replicas")
+        if options.ffn == "sp" and options.cp > 1 or options.ffn == "world_tp" and options.dp > 1:
+            roles = {p.weight: p.role for p in analysis.roles.projections}
+            split = TokenSplit(options.ffn, parallel.info, parallel.group_names, layout[1] if layout else None)
+            counts["split_tokens"] = split_tokens(gm, roles, split)
+            dump(gm, "4-split_tokens")
+    counts["ffn_tokens"] = ffn_tokens(gm, analysis)
     counts["collectives"] = count_collectives(gm)
     counts["collective_bytes"] = collective_bytes(gm)
     counts.update(
@@ -130,6 +155,23 @@ def run_passes(gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel
         attention_with_lse=sum(n.target is _lse_op() for n in gm.graph.nodes),
     )
     return PassReport(analysis, counts)
+
+
+def ffn_tokens(gm: fx.GraphModule, analysis: Analysis) -> list[int]:
+    """Tokens each layer's FFN processes on this rank per run of the graph (padding included):
+    the rows of down/fc2's input. The duplicated-work counter: `ceil(T/cp)` under ffn='sp'."""
+    from cpcompile.passes._fx import shape
+    from cpcompile.passes.find_projections import param_name
+
+    down = {p.weight for p in analysis.roles.projections if p.role in ("down", "fc2")}
+    out = []
+    for n in gm.graph.nodes:
+        if is_op(n, "linear"):
+            name = n.meta.get("cpcompile_weight") or (param_name(n.args[1]) if isinstance(n.args[1], fx.Node) else None)
+            if name in down:
+                s = shape(n.args[0])
+                out.append(int(torch.Size(s[:-1]).numel()))
+    return out
 
 
 def _lse_op():

@@ -83,6 +83,9 @@ def param_name(node: fx.Node) -> str:
     src = src() if callable(src) else src
     parts = re.findall(r"\['([^']+)'\]|\.(\w+)\b|\[(\d+)\]", src)
     names = [a or b or c for a, b, c in parts]
+    bound = [i for i, n in enumerate(names) if n in ("self", "__self__")]
+    if bound:  # a bound forward (`model.forward`, or a function closing over it): the path starts at the model
+        names = names[bound[-1] + 1 :]
     names = [n for n in names if n not in ("self", "_modules", "_parameters", "_buffers", "L")]
     return ".".join(names) if names else node.name
 

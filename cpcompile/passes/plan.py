@@ -9,18 +9,22 @@ the meshes this model can take.
 | q, k, v, kv_up (MLA)     | column over tp, by heads                | same               |
 | qkv, kv (fused)          | packed column over tp, by heads         | same               |
 | o                        | row over the replica (tp*cp ranks)      | row over tp        |
-| gate, up, fc1            | column over the replica                 | same               |
-| gate_up                  | packed column over the replica          | same               |
-| down, fc2                | row over the replica (+ all-reduce)     | same               |
+| gate, up, fc1            | column over the FFN group (below)       | same               |
+| gate_up                  | packed column over the FFN group        | same               |
+| down, fc2                | row over the FFN group                  | same               |
 | q_down, kv_down (latents)| replicate                               | same               |
 | ffn_other, lm_head, other|                                         |                    |
+
+The FFN group follows `ffn` (DESIGN.md section 3): 'tp' -> the replica (tp*cp ranks, Helix's
+CP->TP repurposing); 'sp' -> the tp group (each CP rank runs its own token chunk);
+'world_tp' -> all dp*tp*cp ranks (the tokens of every replica are gathered before the FFN).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cpcompile.options import COMBINES
+from cpcompile.options import COMBINES, FFNS
 from cpcompile.passes.find_attention import AttentionSite
 from cpcompile.passes.find_projections import Roles
 
@@ -28,9 +32,11 @@ _PLACEMENT = {
     "q": "column/tp", "k": "column/tp", "v": "column/tp", "qkv": "packed-column/tp", "kv": "packed-column/tp",
     "qk": "packed-column/tp", "qv": "packed-column/tp", "kv_up": "column/tp",
     "o": "row/replica",
-    "gate": "column/replica", "up": "column/replica", "fc1": "column/replica", "gate_up": "packed-column/replica",
-    "down": "row/replica", "fc2": "row/replica",
+    "gate": "column/ffn", "up": "column/ffn", "fc1": "column/ffn", "gate_up": "packed-column/ffn",
+    "down": "row/ffn", "fc2": "row/ffn",
 }
+FFN_ROLES = ("gate", "up", "fc1", "gate_up", "down", "fc2")
+_FFN_GROUP = {"tp": "replica", "sp": "tp", "world_tp": "world"}
 
 
 class MeshError(ValueError):
@@ -43,10 +49,18 @@ class Mesh:
     cp: int = 1
     dp: int = 1
     combine: str = "all_to_all"
+    ffn: str = "tp"
 
     @property
     def replica(self) -> int:
         return self.tp * self.cp
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.cp
+
+    def size(self, group: str) -> int:
+        return {"tp": self.tp, "cp": self.cp, "dp": self.dp, "replica": self.replica, "world": self.world}[group]
 
 
 @dataclass
@@ -62,9 +76,10 @@ def placement_for(role: str, mesh: Mesh) -> str:
     p = _PLACEMENT.get(role, "replicate")
     if role == "o" and mesh.combine == "all_gather":
         p = "row/tp"
-    group = p.split("/")[-1]
-    size = {"tp": mesh.tp, "replica": mesh.replica}.get(group, 1)
-    return "replicate" if size == 1 else p
+    p = p.replace("/ffn", "/" + _FFN_GROUP.get(mesh.ffn, "replica"))
+    if p == "replicate":
+        return p
+    return "replicate" if mesh.size(p.split("/")[-1]) == 1 else p
 
 
 def plan(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[Placement]:
@@ -79,6 +94,8 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
     out = []
     if mesh.combine not in COMBINES:
         out.append(f"combine={mesh.combine!r} is not one of {COMBINES}")
+    if mesh.ffn not in FFNS:
+        out.append(f"ffn={mesh.ffn!r} is not one of {FFNS}")
     for name, n in (("tp", mesh.tp), ("cp", mesh.cp), ("dp", mesh.dp)):
         if n < 1:
             out.append(f"{name}={n} must be >= 1")
@@ -99,16 +116,16 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
                 f"cp={mesh.cp} (use 'all_gather')"
             )
     mla = sorted({p.layer for p in roles.projections if p.role == "kv_up"})
-    if mla and mesh.replica > 1:
+    if mla and mesh.replica > 1 or mla and mesh.ffn == "world_tp" and mesh.world > 1:
         out.append(
             f"layers {mla}: MLA attention (K/V up-projected from cached latents, DeepSeek-V2/V3) runs at "
-            "tp = cp = 1 only in this version"
+            "tp = cp = 1 (and ffn != 'world_tp') only in this version"
         )
     for p in roles.projections:
         pl = placement_for(p.role, mesh)
         if pl == "replicate":
             continue
-        group = mesh.tp if pl.endswith("/tp") else mesh.replica
+        group = mesh.size(pl.split("/")[-1])
         dim = p.in_features if pl.startswith("row") else p.out_features
         if pl.startswith("packed"):
             dim //= 2 if p.role in ("gate_up", "kv", "qk", "qv") else 1
@@ -117,21 +134,29 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
     return sorted(set(out))
 
 
-def valid_meshes(roles: Roles, sites: list[AttentionSite], max_world: int = 16, combine: str = "all_to_all") -> list[tuple[int, int]]:
+def valid_meshes(
+    roles: Roles, sites: list[AttentionSite], max_world: int = 16, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp"
+) -> list[tuple[int, int]]:
+    """The (tp, cp) this model can take at `dp` replicas, up to `max_world` ranks in all."""
     return [
         (tp, cp)
-        for tp in range(1, max_world + 1)
-        for cp in range(1, max_world // tp + 1)
-        if not _problems(roles, sites, Mesh(tp, cp, 1, combine))
+        for tp in range(1, max_world // dp + 1)
+        for cp in range(1, max_world // (dp * tp) + 1)
+        if not _problems(roles, sites, Mesh(tp, cp, dp, combine, ffn))
     ]
 
 
 def validate_mesh(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> None:
     problems = _problems(roles, sites, mesh)
     if problems:
-        valid = valid_meshes(roles, sites, max(16, mesh.tp * mesh.cp), mesh.combine if mesh.combine in COMBINES else "all_to_all")
+        combine = mesh.combine if mesh.combine in COMBINES else "all_to_all"
+        ffn = mesh.ffn if mesh.ffn in FFNS else "tp"
+        dp = max(mesh.dp, 1)
+        valid = valid_meshes(roles, sites, max(16, mesh.world), combine, dp, ffn)
+        at = f", dp={dp}, ffn={ffn!r}" if (dp, ffn) != (1, "tp") else ""
         raise MeshError(
-            f"this model cannot run at tp={mesh.tp}, cp={mesh.cp}, combine={mesh.combine!r}:\n  - "
+            f"this model cannot run at dp={mesh.dp}, tp={mesh.tp}, cp={mesh.cp}, combine={mesh.combine!r}, "
+            f"ffn={mesh.ffn!r}:\n  - "
             + "\n  - ".join(problems)
-            + f"\nValid (tp, cp) for this model with combine={mesh.combine!r}: {valid}"
+            + f"\nValid (tp, cp) for this model with combine={combine!r}{at}: {valid}"
         )

@@ -1,14 +1,19 @@
 """Pass 5 — execute the weight shards on the graph: local linears plus explicit all-reduces.
 
 Cases handled (a `WeightShard` per sharded parameter, from `shard_weights.py`):
-  * column: `y = linear(x, W, b)` -> `y_loc = linear(x, W_loc, b_loc)` placed back into a
-    zero tensor of the full width at this rank's columns (`F.pad` when they are one block,
-    `index_copy` otherwise). Everything downstream keeps the single-device shapes Dynamo
-    traced (head counts, Phi-3's fixed qkv offsets, chunked gate_up), so no shape constant
-    needs rewriting; other ranks' columns are zeros that only this rank's attention heads or
-    FFN chunk ever read.
+  * column: `y = linear(x, W, b)` -> `y_loc = linear(x, W_loc, b_loc)` placed back at this
+    rank's columns of the full width, zeros elsewhere (`F.pad` when they are one block, else
+    `F.pad` by one zero column and an `index_select` that scatters them). Everything downstream
+    keeps the single-device feature widths Dynamo traced (head counts, Phi-3's fixed qkv
+    offsets, chunked gate_up), so no shape constant needs rewriting; other ranks' columns are
+    zeros that only this rank's attention heads or FFN chunk ever read. Only the last dim is
+    touched, so the token dims may change later (split_tokens.py).
   * row: `y = linear(x, W, b)` -> `all_reduce(linear(x[..., cols], W_loc), group) + b`, the
     all-reduce an explicit `_c10d_functional.all_reduce` + `wait_tensor` pair.
+
+Each local linear carries `meta["cpcompile_weight"]` (the parameter it stands for) and each row
+output `meta["cpcompile_row"]` (its partial sum, bias and group), so that `split_tokens` can turn
+an all-reduce into the reduce-scatter its token layout needs.
 
 The model's own parameters for these weights are zero-storage stand-ins of the full shape
 (so Dynamo traces single-device shapes); the local shards enter the graph as `get_attr`
@@ -78,22 +83,28 @@ def shard_linears(
             block = shard.contiguous
             if shard.kind == "column":
                 y_loc = insert_call(g, torch._C._nn.linear, (x, w_node, b_node))
+                y_loc.meta["cpcompile_weight"] = name
                 if block is not None:
                     y = insert_call(g, F.pad, (y_loc, (block[0], full[-1] - block[1])))
                 else:
-                    idx = _const(gm, shard.cols.to(w_loc.device), "_cpcompile_idx")
-                    zeros = insert_call(g, torch.Tensor.new_zeros, (y_loc, full))
-                    y = insert_call(g, torch.Tensor.index_copy, (zeros, -1, idx, y_loc))
+                    n = len(shard.cols)
+                    perm = torch.full((full[-1],), n, dtype=torch.long)  # column n: the one zero column
+                    perm[shard.cols] = torch.arange(n)
+                    padded = insert_call(g, F.pad, (y_loc, (0, 1)))
+                    y = insert_call(g, torch.Tensor.index_select, (padded, -1, _const(gm, perm.to(w_loc.device), "_cpcompile_idx")))
             else:
                 if block is not None:
                     x_loc = insert_call(g, operator.getitem, (x, (Ellipsis, slice(*block))))
                 else:
                     idx = _const(gm, shard.cols.to(w_loc.device), "_cpcompile_idx")
                     x_loc = insert_call(g, torch.Tensor.index_select, (x, -1, idx))
-                y = all_reduce(g, insert_call(g, torch._C._nn.linear, (x_loc, w_node, None)), group_names[shard.group])
+                partial = insert_call(g, torch._C._nn.linear, (x_loc, w_node, None))
+                partial.meta["cpcompile_weight"] = name
+                y = all_reduce(g, partial, group_names[shard.group])
                 counts["all_reduce"] += 1
                 if b_node is not None:
                     y = insert_call(g, operator.add, (y, b_node))
+                y.meta["cpcompile_row"] = {"weight": name, "partial": partial, "bias": b_node, "group": shard.group}
         lin.replace_all_uses_with(y)
         g.erase_node(lin)
         counts[shard.kind] += 1

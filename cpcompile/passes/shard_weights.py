@@ -8,7 +8,8 @@ did not replicate it decides this rank's columns by dataflow (dependency probing
     (`Hq/tp` of them) and KV heads (`Hkv/tp`, or the one head they read when tp > Hkv).
   * o (row): the input columns fed by the heads this rank holds after the CP combine —
     `Hq/(tp*cp)` heads for all_to_all / ag_rs, `Hq/tp` for all_gather.
-  * down/fc2 (row over the replica): input chunk `r` of `I/(tp*cp)` (r = this rank in its replica);
+  * down/fc2 (row over the FFN group: the replica, the tp group under ffn='sp', every rank
+    under ffn='world_tp'): input chunk `r` of `I/size` (r = this rank in that group);
     gate/up/fc1/gate_up (column): the output columns that feed that chunk.
 
 The result is a table `{parameter name: WeightShard}` and the local tensors; the graph rewrite
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 class WeightShard:
     weight: str  # parameter name
     kind: str  # "column" | "row"
-    group: str  # "tp" | "replica": the all-reduce group of a row shard
+    group: str  # "tp" | "replica" | "world": the group a row shard's partial sums are reduced over
     cols: torch.Tensor  # column: this rank's output features; row: its input features (sorted)
     full_shape: tuple[int, int]
 
@@ -67,11 +68,15 @@ def _heads_mask(x: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
     return m
 
 
-def shard_weights(analysis: "Analysis", info: RankInfo, combine: str) -> dict[str, WeightShard]:
-    from cpcompile.passes.plan import Mesh
+def group_rank(info: RankInfo, group: str) -> int:
+    """This rank's index in `group` (the order `RankInfo.ranks` lists it)."""
+    return info.ranks(group).index(info.rank) if group != "world" else info.rank
 
-    mesh = Mesh(info.tp, info.cp, info.dp, combine)
-    replica_rank = info.tp_rank * info.cp + info.cp_rank
+
+def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str = "tp") -> dict[str, WeightShard]:
+    from cpcompile.passes.plan import FFN_ROLES, Mesh
+
+    mesh = Mesh(info.tp, info.cp, info.dp, combine, ffn)
     shards: dict[str, WeightShard] = {}
     by_layer: dict[int, list] = {}
     for p in analysis.roles.projections:
@@ -89,7 +94,7 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str) -> dict[st
                 continue
             kind, group = ("row" if placement.startswith("row") else "column"), placement.split("/")[-1]
             lin = p.node
-            if kind == "column" and group == "tp":
+            if kind == "column" and p.role not in FFN_ROLES:
                 cols = []
                 if "q" in p.role:
                     cols.append(column_support(lin, site.query, lambda t: t[:, heads["tp"][0] : heads["tp"][1]]))
@@ -106,20 +111,20 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str) -> dict[st
                 h0, h1 = heads["out"]
                 cols = forward_support(site.output, lin.args[0], lambda x: _heads_mask(x, h0, h1))
                 shards[p.weight] = WeightShard(p.weight, "row", group, cols, (p.out_features, p.in_features))
-            elif kind == "row":  # down / fc2 over the replica
-                size = mesh.replica if group == "replica" else info.tp
-                r = replica_rank if group == "replica" else info.tp_rank
+            elif kind == "row":  # down / fc2 over the FFN group
+                size, r = mesh.size(group), group_rank(info, group)
                 per = p.in_features // size
                 cols = torch.arange(r * per, (r + 1) * per)
                 shards[p.weight] = WeightShard(p.weight, "row", group, cols, (p.out_features, p.in_features))
                 ffn_row = (p, r * per, (r + 1) * per)
         for p in layer:  # FFN column shards: the columns that feed this rank's chunk of down's input
-            if placement_for(p.role, mesh).startswith(("column/replica", "packed-column/replica")):
+            placement = placement_for(p.role, mesh)
+            if p.role in FFN_ROLES and "column" in placement:
                 if ffn_row is None:
                     raise ValueError(f"shard_weights: {p.weight} ({p.role}) is column-parallel but layer {site.index} has no down/fc2")
                 down, c0, c1 = ffn_row
                 cols = column_support(p.node, down.node.args[0], lambda t: t[..., c0:c1])
-                shards[p.weight] = WeightShard(p.weight, "column", "replica", cols, (p.out_features, p.in_features))
+                shards[p.weight] = WeightShard(p.weight, "column", placement.split("/")[-1], cols, (p.out_features, p.in_features))
     return shards
 
 
