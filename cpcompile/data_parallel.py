@@ -53,19 +53,31 @@ def split_rows(batch: int, dp: int) -> list[int]:
 
 
 def take_rows(kwargs: dict, batch: int, start: int, stop: int) -> dict:
-    """This replica's rows of every batched argument."""
+    """This replica's rows of every batched argument. A mask may be a tensor or, as `generate()`
+    prepares it for a static cache, a dict of 4D masks per layer type; a mask with one row
+    broadcasts over the batch and is kept whole."""
+
+    def rows(k, v):
+        if isinstance(v, dict):
+            return {name: rows(k, m) for name, m in v.items()}
+        if not isinstance(v, torch.Tensor):
+            return v
+        if v.shape[0] == batch:
+            return v[start:stop]
+        if v.shape[0] == 1 and k == "attention_mask":
+            return v
+        raise ValueError(f"cpcompile: {k} has {v.shape[0]} rows but the batch has {batch}")
+
     out = dict(kwargs)
     for k, v in kwargs.items():
-        if not isinstance(v, torch.Tensor) or k in UNBATCHED:
+        if k in UNBATCHED or not isinstance(v, (torch.Tensor, dict)):
             continue
         if k not in BATCHED:
             raise ValueError(
-                f"cpcompile: dp > 1 splits batched arguments by rows, and {k!r} (shape {tuple(v.shape)}) is not one "
-                f"it knows ({BATCHED}); pass it per replica with dp_inputs='local'"
+                f"cpcompile: dp > 1 splits batched arguments by rows, and {k!r} is not one it knows ({BATCHED}); "
+                "pass it per replica with dp_inputs='local'"
             )
-        if v.shape[0] != batch:
-            raise ValueError(f"cpcompile: {k} has {v.shape[0]} rows but the batch has {batch}")
-        out[k] = v[start:stop]
+        out[k] = rows(k, v)
     return out
 
 
