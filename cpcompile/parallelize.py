@@ -10,6 +10,10 @@ What it does to `model` (nothing else is edited):
     refuses a step that would run past `max_length` before anything is written.
   * turns off HF's own auto-compilation in `generate()` (it would wrap the wrapper in a second,
     non-cpcompile compile).
+  * on more than one rank: checks the ranks that must see the same inputs do (all ranks, or a
+    replica's ranks with dp_inputs='local'), cuts this replica's rows under dp > 1 and passes
+    the step's replica layout into the graph (`cpcompile/data_parallel.py`); wraps
+    `model.generate` to check every rank uses the same generation settings first.
 
 `model.generate(...)` is then the ordinary HF API: greedy, sampling, batches with left padding.
 """

@@ -206,3 +206,11 @@ def test_bad_settings_are_refused_before_any_rank_starts(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         parallelize(tiny_model("llama"), **kwargs)
+
+
+def test_mla_and_moe_model_under_attention_dp(world2):
+    """DeepSeek-V3 (MLA attention, MoE FFN) at dp=2: each replica's attention is tp = cp = 1."""
+    results = world2.run(run_dp, "deepseek_v3", 2, 1, 1, "tp", "global", 3, 6, 8)
+    check_equivalent(results, 6)
+    assert [r["rows"] for r in results] == [2, 1] and [r["cache_rows"] for r in results] == [2, 1]
+    assert results[0]["decode"]["collectives"] == dict(all_reduce=0, all_to_all=0, all_gather=1, reduce_scatter=0)
