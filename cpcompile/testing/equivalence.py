@@ -11,11 +11,19 @@ What runs (DESIGN.md section 7's equivalence, made checkable on any model):
 
   1. the reference: `model_factory()` on this process, one device, HF's own attention and a
      `transformers.DynamicCache`, greedy decoding for `max_new_tokens` steps;
-  2. the parallel run: `model_factory()` on each of the tp*cp ranks of a `World`, then
-     `cpcompile.parallelize(model, tp=, cp=, **parallel_options)`, driven with **forced
+  2. the parallel run: `model_factory()` on each of the dp*tp*cp ranks of a `World`, then
+     `cpcompile.parallelize(model, tp=, cp=, dp=, **parallel_options)`, driven with **forced
      decoding**: at every step it is fed the *reference's* token, so that after a near-tie
      (the two runs legitimately picking different tokens) the later steps still compare the
      same sequences.
+
+With dp > 1 the batch's rows are split over the replicas as `parallelize` splits them
+(`cpcompile.data_parallel.split_rows`: the first B % dp replicas one row more; B >= dp).
+dp_inputs='global': every rank is given the whole batch and returns the whole batch's logits.
+dp_inputs='local': each replica is given only its rows, left-padded to *its own* width, and
+returns only theirs; the reference still runs the whole batch on one device. Rows are compared
+step by step (the last position's logits of step t), never by absolute column, so a replica's
+narrower padding does not matter.
 
 Both runs are driven by the same step loop (`_drive`): step 0 is the prefill of the
 left-padded batch, step t > 0 feeds one token per row; `position_ids` are computed as HF's
@@ -26,9 +34,10 @@ Per step and batch row, the last position's logits are compared (in fp32):
   * logits: `|parallel - reference| <= atol + rtol * |reference|` elementwise, `Tolerance` per dtype;
   * tokens: the parallel argmax may differ from the reference's only at a near-tie, i.e. when
     the reference's top-2 logits are within `near_tie`;
-  * ranks: every rank's logits must equal rank 0's within `atol` (they are normally bitwise
-    equal: the final hidden state is all-reduced and `lm_head` is replicated); the result says
-    whether they were bitwise equal.
+  * ranks: every rank's logits must equal rank 0's within `atol` (with dp_inputs='local', its
+    replica's first rank's: replicas hold different rows); they are normally bitwise equal (the
+    final hidden state is all-reduced and `lm_head` is replicated); the result says whether
+    they were.
 The first failing (step, row) raises an `AssertionError` with the errors, the mesh and a
 snippet that reproduces the case.
 """
@@ -36,6 +45,7 @@ snippet that reproduces the case.
 from __future__ import annotations
 
 import functools
+import inspect
 import pickle
 from dataclasses import dataclass, field
 
@@ -86,8 +96,8 @@ class EquivalenceResult:
     max_abs_error: float  # over all steps and rows, parallel (rank 0) vs reference
     max_rel_error: float  # max abs error / the row's largest |reference logit|, worst (step, row)
     near_ties: list[NearTie] = field(default_factory=list)  # steps whose tokens differed at a near-tie
-    ranks_bitwise_equal: bool = True  # every rank's logits bitwise equal to rank 0's
-    max_rank_error: float = 0.0  # largest |rank r - rank 0| logit difference
+    ranks_bitwise_equal: bool = True  # every rank's logits bitwise equal to rank 0's (local: its replica's first rank's)
+    max_rank_error: float = 0.0  # largest |rank r - rank 0| logit difference (local: its replica's first rank)
     tolerance: Tolerance = FP32_TOLERANCE
 
 
@@ -158,26 +168,69 @@ def _reference(model_factory, dtype, ids, mask, steps):
     return logits, tokens, model_dtype
 
 
-def _parallel_rank(model_factory, dtype, ids, mask, steps, forced, options: dict):
-    """On each rank (or in-process at tp = cp = 1): build, parallelize, drive with forced tokens.
+@dataclass(frozen=True)
+class _Replicas:
+    """The rows each replica runs and what it is given (one entry per replica)."""
 
-    Returns rank 0's logits (None elsewhere), this rank's per-(step, row) max |rank - rank 0|
-    and whether it is bitwise equal to rank 0's."""
+    rows: list[range]  # global batch rows of each replica, in split_rows order
+    inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (ids [b, s], mask [b, s], forced [steps, b]) given to each
+    local: bool  # each replica returns its own rows (True) or the whole batch (False)
+
+
+def _replicas(ids, mask, forced, dp: int, dp_inputs: str) -> _Replicas:
+    """Split the left-padded batch over `dp` replicas as `parallelize` does (`split_rows`; the
+    caller checked B >= dp). Global: every replica is given the whole batch. Local: its own rows,
+    cut to its own width (its widest prompt): the padding other replicas' prompts needed goes."""
+    from cpcompile.data_parallel import split_rows
+
+    counts = split_rows(ids.shape[0], dp)
+    starts = [sum(counts[:d]) for d in range(dp)]
+    rows = [range(a, a + c) for a, c in zip(starts, counts)]
+    if dp_inputs != "local" or dp == 1:
+        return _Replicas(rows, [(ids, mask, forced)] * dp, local=False)
+    inputs = []
+    for r in rows:
+        sub = mask[r.start:r.stop]
+        width = int(sub.sum(-1).max())
+        inputs.append((ids[r.start:r.stop, -width:], sub[:, -width:], forced[:, r.start:r.stop]))
+    return _Replicas(rows, inputs, local=True)
+
+
+def _parallel_rank(model_factory, dtype, replicas: _Replicas, steps, options: dict):
+    """On each rank (or in-process at dp = tp = cp = 1): build, parallelize, drive with forced tokens.
+
+    Returns the whole batch's logits [steps, B, V] on rank 0 (None elsewhere), this rank's
+    max |logits - those of the rank it is compared with| per (step, batch row) [steps, B], that
+    rank ("against": rank 0, or with dp_inputs='local' the replica's first rank, since replicas
+    return different rows), and whether the two were bitwise equal."""
     import torch.distributed as dist
 
     from cpcompile import parallelize
 
     model = parallelize(_build(model_factory, dtype), **options)
-    logits, _ = _drive(model, ids, mask, steps, forced, None)
+    replica_size = options["tp"] * options["cp"]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    d = rank // replica_size  # this rank's replica
+    ids, mask, forced = replicas.inputs[d]
+    logits, _ = _drive(model, ids, mask, steps, forced, None)  # [steps, rows, V]
     if not dist.is_initialized():
-        return dict(logits=logits, rank_error=torch.zeros(logits.shape[:2]), bitwise=True)
-    rank0 = logits.clone()
-    dist.broadcast(rank0, src=0)
-    return dict(
-        logits=logits if dist.get_rank() == 0 else None,
-        rank_error=(logits - rank0).abs().amax(-1),  # [steps, B]
-        bitwise=torch.equal(logits, rank0),
-    )
+        return dict(logits=logits, rank_error=torch.zeros(logits.shape[:2]), against=0, bitwise=True)
+    if not replicas.local:
+        first = logits.clone()
+        dist.broadcast(first, src=0)
+        return dict(logits=logits if rank == 0 else None, rank_error=(logits - first).abs().amax(-1), against=0,
+                    bitwise=torch.equal(logits, first))
+    # local: each replica's first rank broadcasts its rows; rank 0 assembles the batch from them
+    every, rank_error, bitwise = [], torch.zeros(steps, replicas.rows[-1].stop), True
+    for e, rows in enumerate(replicas.rows):
+        first = logits.clone() if rank == e * replica_size else logits.new_empty(steps, len(rows), logits.shape[-1])
+        dist.broadcast(first, src=e * replica_size)
+        every.append(first)
+        if e == d:
+            rank_error[:, rows.start:rows.stop] = (logits - first).abs().amax(-1)
+            bitwise = torch.equal(logits, first)
+    return dict(logits=torch.cat(every, dim=1) if rank == 0 else None, rank_error=rank_error, against=d * replica_size,
+                bitwise=bitwise)
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -190,8 +243,9 @@ class _Failure:
     what: str
 
 
-def _compare(ref_logits, ref_tokens, par_logits, rank_errors: list[torch.Tensor], tol: Tolerance):
-    """-> (EquivalenceResult, first _Failure or None). Logits [steps, B, V] fp32, tokens [steps, B]."""
+def _compare(ref_logits, ref_tokens, par_logits, rank_errors: list[tuple[int, int, torch.Tensor]], tol: Tolerance):
+    """-> (EquivalenceResult, first _Failure or None). Logits [steps, B, V] fp32, tokens [steps, B];
+    `rank_errors`: per rank, (rank, the rank it was compared with, max |difference| [steps, B])."""
     err = (par_logits - ref_logits).abs()  # [steps, B, V]
     bound = tol.atol + tol.rtol * ref_logits.abs()
     scale = ref_logits.abs().amax(-1).clamp(min=torch.finfo(torch.float32).tiny)  # [steps, B]
@@ -204,10 +258,10 @@ def _compare(ref_logits, ref_tokens, par_logits, rank_errors: list[torch.Tensor]
     steps, rows = ref_tokens.shape
     for t in range(steps):
         for b in range(rows):
-            for r, re in enumerate(rank_errors, start=1):  # rank_errors[i]: rank i + 1 vs rank 0
+            for r, first, re in rank_errors:
                 if failure is None and re[t, b] > tol.atol:
-                    failure = _Failure(t, b, f"rank {r} disagrees with rank 0: its logits differ by up to {re[t, b]:.3g} > atol {tol.atol:g} "
-                                             "(every rank must compute the same logits)")
+                    failure = _Failure(t, b, f"rank {r} disagrees with rank {first}: its logits differ by up to {re[t, b]:.3g} > atol "
+                                             f"{tol.atol:g} (every rank must compute the same logits for the rows it holds)")
             bad = err[t, b] > bound[t, b]
             if failure is None and bad.any():
                 v = int(bad.nonzero()[0])
@@ -220,7 +274,7 @@ def _compare(ref_logits, ref_tokens, par_logits, rank_errors: list[torch.Tensor]
                 elif failure is None:
                     failure = _Failure(t, b, f"greedy tokens differ: reference {int(ref_tokens[t, b])}, parallel {int(par_tokens[t, b])}, "
                                              f"and the reference's top-2 gap {gap[t, b]:.3g} is no near-tie (< {tol.near_tie:g})")
-    rank_max = max((float(re.max()) for re in rank_errors), default=0.0)
+    rank_max = max((float(re.max()) for _, _, re in rank_errors), default=0.0)
     result = EquivalenceResult(steps, rows, float(abs_err.max()), float(rel_err.max()), near_ties, True, rank_max, tol)
     return result, failure
 
@@ -285,6 +339,19 @@ def reproduction(model_factory, *, tp, cp, dp, prompts, max_new_tokens, dtype, t
 # ----------------------------------------------------------------------------- entry point
 
 
+_MESH_KEYS = ("tp", "cp", "dp", "combine", "ffn", "dp_inputs", "kv_interleave")
+
+
+def _describe(options: dict) -> str:
+    """The mesh with parallelize's defaults filled in (so dp, ffn, dp_inputs always show), then the rest."""
+    from cpcompile import parallelize
+
+    defaults = {k: p.default for k, p in inspect.signature(parallelize).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    full = {k: options.get(k, defaults.get(k)) for k in _MESH_KEYS}
+    full.update((k, v) for k, v in options.items() if k not in _MESH_KEYS)
+    return ", ".join(f"{k}={v!r}" for k, v in full.items())
+
+
 def assert_equivalent(
     model_factory,
     *,
@@ -298,30 +365,31 @@ def assert_equivalent(
     tolerance: Tolerance | None = None,
     **parallel_options,
 ) -> EquivalenceResult:
-    """Check that `cpcompile.parallelize(model, tp=, cp=, **parallel_options)` on tp*cp ranks
-    computes the single-device model's logits and greedy tokens, step by step.
+    """Check that `cpcompile.parallelize(model, tp=, cp=, dp=, **parallel_options)` on dp*tp*cp
+    ranks computes the single-device model's logits and greedy tokens, step by step.
 
     model_factory: a picklable callable (module-level function or `functools.partial` of one)
         returning a fresh model with identical weights on every call (seed it, or load a local
         checkpoint). It is called once here and once on every rank.
-    tp, cp, dp: the mesh (`dp` must be 1: attention data parallelism is not implemented yet).
+    tp, cp, dp: the mesh. With dp > 1 the prompts' rows are split over the replicas as
+        `parallelize` splits them (`split_rows`; at least dp rows are needed); with
+        dp_inputs='local' each replica is given only its rows, left-padded to its own width.
     prompts: token-id lists (ragged: left-padded here, with id 0 under a zero mask) or an
         `(input_ids, attention_mask)` pair of left-padded [B, S] tensors.
     max_new_tokens: steps compared per row (step 0 is the prefill's last position).
-    world: a `cpcompile.testing.World` of exactly tp*cp ranks to reuse; None starts one for
-        this call (and closes it after). At tp = cp = 1 without a world, runs in this process.
+    world: a `cpcompile.testing.World` of exactly dp*tp*cp ranks to reuse; None starts one for
+        this call (and closes it after). At dp = tp = cp = 1 without a world, runs in this process.
     dtype: cast the model to this dtype (None: keep the factory's).
     tolerance: overrides `TOLERANCES[dtype]`.
-    parallel_options: the rest of `parallelize`'s keywords (combine, kv_interleave, lowering,
-        max_length; max_length defaults to the prompt width + max_new_tokens).
+    parallel_options: the rest of `parallelize`'s keywords (combine, ffn, dp_inputs,
+        kv_interleave, lowering, max_length; max_length defaults to the widest prompt +
+        max_new_tokens).
 
     Returns an `EquivalenceResult`; raises `AssertionError` at the first (step, row) that
     differs, with a snippet that reproduces it.
     """
     from cpcompile.testing.world import World
 
-    if dp != 1:
-        raise ValueError(f"assert_equivalent: dp={dp}; attention data parallelism is not part of this version (use dp=1)")
     if max_new_tokens < 1:
         raise ValueError(f"assert_equivalent: max_new_tokens={max_new_tokens}; expected at least 1 step to compare")
     for reserved in ("tp", "cp", "dp"):
@@ -338,6 +406,13 @@ def assert_equivalent(
         raise ValueError(f"assert_equivalent: the world has {world.n} ranks but dp*tp*cp = {dp}*{tp}*{cp} = {n}")
 
     ids, mask = _left_padded(prompts, pad_id=0)  # padding is masked: its id does not matter
+    dp_inputs = parallel_options.get("dp_inputs", "global")
+    if ids.shape[0] < dp:
+        raise ValueError(
+            f"assert_equivalent: {ids.shape[0]} prompt row(s) cannot be split over dp={dp} replicas "
+            f"(dp_inputs={dp_inputs!r}): each replica needs at least one row, as parallelize's split_rows does. "
+            f"Pass at least {dp} prompts, or fewer replicas."
+        )
     ref_logits, ref_tokens, model_dtype = _reference(model_factory, dtype, ids, mask, max_new_tokens)
     tol = tolerance or TOLERANCES.get(model_dtype)
     if tol is None:
@@ -345,7 +420,8 @@ def assert_equivalent(
 
     options = dict(tp=tp, cp=cp, dp=dp, max_length=ids.shape[1] + max_new_tokens)
     options.update(parallel_options)
-    args = (model_factory, dtype, ids, mask, max_new_tokens, ref_tokens, options)
+    replicas = _replicas(ids, mask, ref_tokens, dp, dp_inputs)
+    args = (model_factory, dtype, replicas, max_new_tokens, options)
     if world is None and n == 1:
         results = [_parallel_rank(*args)]
     elif world is None:
@@ -354,20 +430,26 @@ def assert_equivalent(
     else:
         results = world.run(_parallel_rank, *args, timeout_s=WORLD_TIMEOUT_S)
 
-    result, failure = _compare(ref_logits, ref_tokens, results[0]["logits"], [r["rank_error"] for r in results[1:]], tol)
+    rank_errors = [(r, res["against"], res["rank_error"]) for r, res in enumerate(results) if r != res["against"]]
+    result, failure = _compare(ref_logits, ref_tokens, results[0]["logits"], rank_errors, tol)
     result.ranks_bitwise_equal = all(r["bitwise"] for r in results)
     if failure is not None:
-        mesh = ", ".join(f"{k}={v!r}" for k, v in options.items())
         lengths = mask.sum(-1).tolist()
+        where, split = "", ""
+        if dp > 1:
+            d = next(e for e, rows in enumerate(replicas.rows) if failure.row in rows)
+            where = f" (replica {d}'s row {failure.row - replicas.rows[d].start}; its ranks {d * tp * cp}..{(d + 1) * tp * cp - 1})"
+            split = f", rows per replica {[len(r) for r in replicas.rows]}"
         snippet = reproduction(model_factory, tp=tp, cp=cp, dp=dp, prompts=prompts, max_new_tokens=max_new_tokens,
                                dtype=dtype, tolerance=tolerance, parallel_options=parallel_options)
         raise AssertionError(
             f"assert_equivalent: the parallel run differs from the single-device model at step {failure.step} "
-            f"(0 = prefill), batch row {failure.row}.\n"
+            f"(0 = prefill), batch row {failure.row}{where}.\n"
             f"  {failure.what}\n"
-            f"  mesh/options: {mesh}; dtype {model_dtype}; {len(lengths)} rows, prompt lengths {lengths}, {max_new_tokens} steps\n"
+            f"  mesh/options: {_describe(options)}; dtype {model_dtype}; {len(lengths)} rows, prompt lengths {lengths}"
+            f"{split}, {max_new_tokens} steps\n"
             f"  over all steps: max abs error {result.max_abs_error:.3g}, max rel error {result.max_rel_error:.3g}, "
-            f"largest rank-vs-rank-0 difference {result.max_rank_error:.3g}; near-ties seen: {len(result.near_ties)}\n"
+            f"largest rank-vs-rank difference {result.max_rank_error:.3g}; near-ties seen: {len(result.near_ties)}\n"
             f"  tolerance: {tol}\n"
             f"Reproduce with:\n```python\n{snippet}```"
         )

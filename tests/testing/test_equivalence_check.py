@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from cpcompile.testing import BF16_TOLERANCE, FP32_TOLERANCE, TOLERANCES, Tolerance, assert_equivalent
-from cpcompile.testing.equivalence import _compare, _left_padded, reproduction
+from cpcompile.testing.equivalence import _compare, _left_padded, _replicas, reproduction
 from cpcompile.tiny import tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12]]  # left padding; rows shorter than cp=2
@@ -47,7 +47,7 @@ def test_wrong_parallel_model_fails_with_step_row_and_snippet(world2):
     report = str(err.value)
     assert "at step 0 (0 = prefill), batch row 0" in report
     assert "logits differ beyond tolerance: max abs error" in report and "max rel error" in report
-    assert "tp=1, cp=2, dp=1" in report and "combine='ag_rs'" in report
+    assert "tp=1, cp=2, dp=1, combine='ag_rs', ffn='tp', dp_inputs='global', kv_interleave=1" in report
     assert "prompt lengths [5, 2, 1], 4 steps" in report
     snippet = report.split("```python\n")[1].split("```")[0]
     compile(snippet, "<snippet>", "exec")  # valid python
@@ -56,11 +56,57 @@ def test_wrong_parallel_model_fails_with_step_row_and_snippet(world2):
     assert f"prompts={PROMPTS!r}" in snippet and "max_new_tokens=4" in snippet and "combine='ag_rs'" in snippet
 
 
+def test_attention_data_parallel_global_and_local(world2):
+    # dp=2 over 3 rows: replica 0 runs rows 0-1, replica 1 row 2 (split_rows); in local mode
+    # replica 1 is given only its one-token prompt, so its padding differs from the reference's.
+    factory = functools.partial(tiny_model, "qwen3", seed=2)
+    for dp_inputs, ffn in (("global", "tp"), ("local", "world_tp")):
+        result = assert_equivalent(factory, tp=1, cp=1, dp=2, prompts=PROMPTS, max_new_tokens=4, world=world2,
+                                   ffn=ffn, dp_inputs=dp_inputs, lowering="eager")
+        assert (result.steps, result.rows) == (4, 3)
+        assert result.max_abs_error <= FP32_TOLERANCE.atol and result.ranks_bitwise_equal
+
+
+def test_replicas_are_given_their_rows_at_their_own_width():
+    ids, mask = _left_padded([[5, 6, 7, 8, 9], [10, 11], [12], [13, 14]], pad_id=0)
+    forced = torch.arange(8).reshape(2, 4)  # [steps, B]
+    local = _replicas(ids, mask, forced, dp=3, dp_inputs="local")
+    assert [list(r) for r in local.rows] == [[0, 1], [2], [3]] and local.local
+    assert [i.tolist() for i, _, _ in local.inputs] == [[[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]], [[12]], [[13, 14]]]
+    assert [f.tolist() for _, _, f in local.inputs] == [[[0, 1], [4, 5]], [[2], [6]], [[3], [7]]]
+    glob = _replicas(ids, mask, forced, dp=3, dp_inputs="global")
+    assert not glob.local and all(i is ids for i, _, _ in glob.inputs)
+
+
+def test_wrong_replica_is_named_with_its_rows(world2):
+    # local mode: rank 1 is replica 1 (rows [2]); its FFN is wrong, replica 0's rows are right
+    factory = functools.partial(perturbed_on_rank, 1, "model.layers.0.mlp.down_proj.weight")
+    with pytest.raises(AssertionError) as err:
+        assert_equivalent(factory, tp=1, cp=1, dp=2, prompts=PROMPTS, max_new_tokens=2, world=world2, dp_inputs="local",
+                          lowering="eager")
+    report = str(err.value)
+    assert "at step 0 (0 = prefill), batch row 2 (replica 1's row 0; its ranks 1..1)" in report
+    assert "tp=1, cp=1, dp=2, combine='all_to_all', ffn='tp', dp_inputs='local'" in report
+    assert "rows per replica [2, 1]" in report
+    snippet = report.split("```python\n")[1].split("```")[0]
+    compile(snippet, "<snippet>", "exec")
+    assert "dp=2" in snippet and "dp_inputs='local'" in snippet
+
+
 def test_a_rank_that_disagrees_is_named(world2):
     # lm_head is replicated: only rank 1's logits are off.
     factory = functools.partial(perturbed_on_rank, 1, "lm_head.weight", 0.05)
     with pytest.raises(AssertionError, match=r"(?s)step 0 .*batch row 0.*rank 1 disagrees with rank 0"):
         assert_equivalent(factory, tp=1, cp=2, prompts=PROMPTS, max_new_tokens=2, world=world2, lowering="eager")
+
+
+def test_a_rank_that_disagrees_with_its_replica_is_named(world4):
+    # dp=2 x cp=2, local: ranks 2 and 3 are replica 1 (row 2); lm_head is replicated, so only
+    # rank 3's logits are off, and it is compared with rank 2 (rank 0 holds other rows).
+    factory = functools.partial(perturbed_on_rank, 3, "lm_head.weight", 0.05)
+    with pytest.raises(AssertionError, match=r"(?s)step 0 .*batch row 2 \(replica 1's row 0; its ranks 2..3\).*rank 3 disagrees with rank 2"):
+        assert_equivalent(factory, tp=1, cp=2, dp=2, prompts=PROMPTS, max_new_tokens=2, world=world4, dp_inputs="local",
+                          lowering="eager")
 
 
 # ------------------------------------------------------------------ the comparison, on synthetic logits
@@ -100,8 +146,8 @@ def test_rank_divergence_reported_with_rank():
     ref, tokens = _logits()
     rank_err = torch.zeros(4, 2)
     rank_err[2, 1] = 1e-2
-    result, failure = _compare(ref, tokens, ref.clone(), [torch.zeros(4, 2), rank_err], FP32_TOLERANCE)
-    assert (failure.step, failure.row) == (2, 1) and "rank 2 disagrees with rank 0" in failure.what
+    result, failure = _compare(ref, tokens, ref.clone(), [(1, 0, torch.zeros(4, 2)), (3, 2, rank_err)], FP32_TOLERANCE)
+    assert (failure.step, failure.row) == (2, 1) and "rank 3 disagrees with rank 2" in failure.what  # local: its replica's first rank
     assert result.max_rank_error == pytest.approx(1e-2)
 
 
@@ -127,8 +173,10 @@ def test_bad_arguments_are_refused(world2):
         assert_equivalent(lambda: tiny_model("llama"), tp=1, cp=2, prompts=[[5]], max_new_tokens=1, world=world2)
     with pytest.raises(ValueError, match=r"the world has 2 ranks but dp\*tp\*cp = 1\*2\*2 = 4"):
         assert_equivalent(functools.partial(tiny_model, "llama"), tp=2, cp=2, prompts=[[5]], max_new_tokens=1, world=world2)
-    with pytest.raises(ValueError, match="dp=2"):
-        assert_equivalent(functools.partial(tiny_model, "llama"), tp=1, cp=1, dp=2, prompts=[[5]], max_new_tokens=1)
+    for dp_inputs in ("global", "local"):  # refused before any model is built
+        with pytest.raises(ValueError, match=rf"1 prompt row\(s\) cannot be split over dp=2 replicas \(dp_inputs='{dp_inputs}'\)"):
+            assert_equivalent(functools.partial(tiny_model, "llama"), tp=1, cp=1, dp=2, prompts=[[5]], max_new_tokens=1,
+                              dp_inputs=dp_inputs, world=world2)
 
 
 def test_snippet_for_a_config_and_tensors_is_runnable_source():
