@@ -29,6 +29,7 @@ def _random_like(v, gen: torch.Generator):
     return torch.zeros(shape, dtype=dtype)
 
 
+@torch.enable_grad()  # parallelize may be called under torch.no_grad()
 def column_support(src: fx.Node, dst: fx.Node, select: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Sorted indices c of `src`'s last dim such that `select(dst)` depends on `src[..., c]`."""
     gen = torch.Generator().manual_seed(0)

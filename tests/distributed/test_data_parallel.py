@@ -214,3 +214,32 @@ def test_mla_and_moe_model_under_attention_dp(world2):
     check_equivalent(results, 6)
     assert [r["rows"] for r in results] == [2, 1] and [r["cache_rows"] for r in results] == [2, 1]
     assert results[0]["decode"]["collectives"] == dict(all_reduce=0, all_to_all=0, all_gather=1, reduce_scatter=0)
+
+
+def replicas_stopping_at_different_steps():
+    """Local mode, ffn='world_tp': replica 0 meets EOS early, replica 1 does not; the finished
+    replica keeps stepping (HF's synced_gpus) so the other's per-layer gathers still complete."""
+    import torch.distributed as dist
+
+    from cpcompile import parallelize
+    from cpcompile.tiny import tiny_model
+
+    model = tiny_model("llama")
+    ref = copy.deepcopy(model)
+    requests = [_prompts(1, 6, seed=20), _prompts(2, 4, seed=21)]  # replica 0: one row; replica 1: two
+    eos = int(_generate(ref, *requests[0], 3).sequences[0, -1])  # replica 0 stops after 3 tokens
+    ids, mask = requests[dist.get_rank()]
+    kw = dict(max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, **kw)
+        parallelize(model, dp=2, ffn="world_tp", dp_inputs="local", max_length=MAX_LENGTH, lowering="eager")
+        got = model.generate(ids, attention_mask=mask, **kw)
+    return got, want, eos
+
+
+def test_local_replicas_may_finish_at_different_steps(world2):
+    results = world2.run(replicas_stopping_at_different_steps)
+    for got, want, eos in results:
+        assert torch.equal(got, want)
+    (got0, _, eos), (got1, _, _) = results
+    assert got0.shape[1] - 6 == 3 and got1.shape[1] - 4 == 10  # replica 0 stopped early, replica 1 went on
