@@ -1,6 +1,6 @@
 """cpcompile's command line.
 
-    python -m cpcompile explain --model <arch|config.json|model dir> [--tp N --cp N --combine S]
+    python -m cpcompile explain --model <arch|config.json|model dir> [--tp N --cp N --dp N --combine S --ffn F]
     python -m cpcompile generate --model <arch|model dir> --tp N --cp N [--max-new-tokens N ...]
 
 `generate` starts dp·tp·cp ranks on this machine (torch's elastic launcher) and runs HF's
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--cp", type=int, default=1)
     ex.add_argument("--dp", type=int, default=1)
     ex.add_argument("--combine", default="all_to_all", choices=("all_to_all", "ag_rs", "all_gather"))
+    ex.add_argument("--ffn", default="tp", choices=("tp", "sp", "world_tp"))
     ex.add_argument("--kv-interleave", type=int, default=1)
     gen = sub.add_parser("generate", help="start dp*tp*cp local ranks, parallelize the model, generate, report bytes and time")
     gen.add_argument("--model", default="llama", help="tiny architecture name or a local HF model directory")
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from cpcompile.explain import explain
 
     report = explain(
-        _load_model(args.model), tp=args.tp, cp=args.cp, dp=args.dp, combine=args.combine, kv_interleave=args.kv_interleave
+        _load_model(args.model), tp=args.tp, cp=args.cp, dp=args.dp, combine=args.combine, ffn=args.ffn,
+        kv_interleave=args.kv_interleave,
     )
     print(report)
     return 0 if report.ok else 1

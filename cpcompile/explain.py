@@ -1,11 +1,17 @@
-"""`cpcompile.explain(model, tp=, cp=)`: what the passes found and what they would do, at a glance.
+"""`cpcompile.explain(model, tp=, cp=, dp=, ffn=)`: what the passes found and what they would do, at a glance.
 
     print(cpcompile.explain(model, tp=2, cp=2))
+    print(cpcompile.explain(model, tp=2, cp=2, dp=2, ffn="sp"))
 
 For each layer: the attention found (form, heads, head dims, mask/causal/softcap, cache),
-each projection with its role and planned placement under the mesh; then anything the
-passes did not understand, whether the mesh fits (and if not, why and which ones do).
-An attention cpcompile cannot rewrite raises `AttentionError` here, as it would at compile time.
+each projection with its role and planned placement under the mesh; then where the tokens live
+outside attention under `ffn` and the collectives each layer inserts (kind, group, what it
+moves); anything the passes did not understand; whether the mesh fits (if not, the `MeshError`
+`parallelize` would raise, with the (tp, cp) that do fit). An attention cpcompile cannot
+rewrite raises `AttentionError` here, as it would at compile time.
+
+The collectives are read off the plan (placements per role and the combine), not off a compiled
+graph; tests/test_cli_generate.py checks them against the pass report of a real decode step.
 """
 
 from __future__ import annotations
@@ -14,9 +20,102 @@ from dataclasses import dataclass
 
 import torch
 
+from cpcompile.options import COMBINES, FFNS
 from cpcompile.options import Options
 from cpcompile.passes import Analysis
-from cpcompile.passes.plan import Mesh, _problems, placement_for, valid_meshes
+from cpcompile.passes.plan import FFN_ROLES, Mesh, MeshError, _problems, placement_for, valid_meshes, validate_mesh
+
+# as split_tokens.ATTENTION_INPUT_ROLES: the projections that need every token of the replica
+_ATTENTION_INPUTS = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down")
+_ROW_FFN = ("down", "fc2")
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective a pass inserts: its kind (as in PassReport counts["collectives"]), its group, what it moves."""
+
+    kind: str  # all_reduce | all_to_all | all_gather | reduce_scatter
+    group: str  # tp | cp | dp | replica | world
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.group})"
+
+
+def token_layout(mesh: Mesh) -> str:
+    """Where the tokens of a forward live outside attention (split_tokens.py), in one line."""
+    rows = (
+        f"rows split over dp={mesh.dp} replicas (each replica runs attention and keeps KV for its own rows); "
+        if mesh.dp > 1 else ""
+    )
+    if mesh.ffn == "sp" and mesh.cp > 1:
+        return (
+            f"{rows}ffn='sp': outside attention each CP rank keeps ceil(T/cp={mesh.cp}) of its replica's T tokens "
+            f"(the residual stream, norms and FFN run on that chunk, zero padded); FFN tensor-parallel over tp={mesh.tp}"
+        )
+    if mesh.ffn == "world_tp" and mesh.dp > 1:
+        return (
+            f"{rows}ffn='world_tp': the FFN runs on the tokens of all {mesh.dp} replicas (each padded to the largest "
+            f"count) with 1/{mesh.world} of its weights on every rank; attention and the residual stream keep the replica's own tokens"
+        )
+    same = {"sp": " (cp=1: one CP rank holds every token, so 'sp' is 'tp')",
+            "world_tp": " (dp=1: the world is the replica, so 'world_tp' is 'tp')"}.get(mesh.ffn, "")
+    return f"{rows}ffn='{mesh.ffn}'{same}: every rank of a replica holds all its tokens; FFN tensor-parallel over the replica's tp*cp={mesh.replica} ranks"
+
+
+def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh) -> list[Collective]:
+    """The collectives one decoder layer with these projection roles inserts per forward, in order."""
+    out: list[Collective] = []
+    sp = mesh.ffn == "sp" and mesh.cp > 1
+    world_tp = mesh.ffn == "world_tp" and mesh.dp > 1
+    if sp and roles & set(_ATTENTION_INPUTS):
+        out.append(Collective("all_gather", "cp", "the normed token chunks before q/k/v: attention needs every token of the replica"))
+    if has_attention and mesh.cp > 1:
+        if mesh.combine == "all_to_all":
+            out.append(Collective("all_to_all", "cp", "partial o and lse, 1/cp of the heads to each CP rank (Helix combine)"))
+        elif mesh.combine == "ag_rs":
+            out.append(Collective("all_gather", "cp", "lse of every CP rank (DCP combine)"))
+            out.append(Collective("reduce_scatter", "cp", "the rescaled partial o, 1/cp of the heads to each CP rank"))
+        else:
+            out.append(Collective("all_gather", "cp", "partial o and lse of every CP rank (each keeps all its heads)"))
+    if "o" in roles:
+        out += _row("o", "o_proj", mesh, reshard=sp)
+    if world_tp and roles & set(FFN_ROLES):
+        out.append(Collective("all_gather", "dp", "the FFN input: the tokens of every replica, each padded to the largest"))
+    for role in _ROW_FFN:
+        if role in roles:
+            out += _row(role, role, mesh, reshard=world_tp)
+    return out
+
+
+def _row(role: str, name: str, mesh: Mesh, reshard: bool) -> list[Collective]:
+    """A row-parallel projection's partial sums: an all-reduce over its group, or the reduce-scatter
+    split_tokens puts in its place (o under sp, down under world_tp)."""
+    placement = placement_for(role, mesh)
+    if placement == "replicate":
+        return []
+    group = placement.split("/")[-1]
+    if reshard and role == "o" and group == "replica":
+        out = [Collective("reduce_scatter", "cp", f"{name} partial sums, leaving each CP rank its token chunk")]
+        if mesh.tp > 1:
+            out.append(Collective("all_reduce", "tp", f"{name} partial sums over the tp ranks"))
+        return out
+    if reshard and group == "world":
+        out = [Collective("reduce_scatter", "dp", f"{name} partial sums, each replica taking back its own tokens")]
+        if mesh.replica > 1:
+            out.append(Collective("all_reduce", "replica", f"{name} partial sums over the replica's tp*cp ranks"))
+        return out
+    return [Collective("all_reduce", group, f"{name} partial sums")]
+
+
+def forward_collectives(mesh: Mesh) -> list[Collective]:
+    """The collectives outside the decoder layers, per forward (dp_inputs='global' adds the last)."""
+    out = []
+    if mesh.ffn == "sp" and mesh.cp > 1:
+        out.append(Collective("all_gather", "cp", "the final token chunks before the LM head"))
+    if mesh.dp > 1:
+        out.append(Collective("all_gather", "dp", "the logits of every replica, with dp_inputs='global' only"))
+    return out
 
 
 @dataclass
@@ -27,16 +126,26 @@ class Explanation:
     analysis: Analysis
     problems: list[str]
     valid: list[tuple[int, int]]
+    error: str = ""
+    """The MeshError message `parallelize` would raise for this mesh ('' when it fits)."""
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    def layer_collectives(self) -> dict[int, list[Collective]]:
+        """layer -> the collectives it inserts per forward under this mesh."""
+        out = {}
+        for site in self.analysis.sites:
+            roles = {p.role for p in self.analysis.roles.by_layer(site.index)}
+            out[site.index] = layer_collectives(roles, True, self.mesh)
+        return out
+
     def __str__(self) -> str:
         m = self.mesh
         lines = [
             f"cpcompile.explain: {self.model} at tp={m.tp}, cp={m.cp}, dp={m.dp} "
-            f"(combine={m.combine}, kv_interleave={self.kv_interleave})"
+            f"(combine={m.combine}, ffn={m.ffn}, kv_interleave={self.kv_interleave})"
         ]
         projections = self.analysis.roles.projections
         width = max((len(p.weight) for p in projections), default=10)
@@ -49,17 +158,40 @@ class Explanation:
             lines.append(f"outside layers: {p.role} {p.weight} [{p.out_features}, {p.in_features}] {placement_for(p.role, m)}")
         lines.append("not understood: " + ("nothing" if not self.analysis.notes else ""))
         lines += [f"    {n}" for n in self.analysis.notes]
-        if self.problems:
-            lines.append("mesh does NOT fit:")
-            lines += [f"    - {p}" for p in self.problems]
-        else:
-            lines.append("mesh fits")
-        lines.append(f"valid (tp, cp) with combine={m.combine}: {self.valid}")
+        if not self.ok:
+            lines.append("mesh does NOT fit (cpcompile.parallelize raises MeshError):")
+            lines += [f"    {line}" for line in self.error.splitlines()]
+            return "\n".join(lines)
+        lines.append("mesh fits")
+        lines.append(f"tokens: {token_layout(m)}")
+        lines += _collective_lines(self.layer_collectives(), forward_collectives(m))
+        lines.append(f"valid (tp, cp) with combine={m.combine}, dp={m.dp}, ffn={m.ffn}: {self.valid}")
         return "\n".join(lines)
 
 
+def _collective_lines(per_layer: dict[int, list[Collective]], per_forward: list[Collective]) -> list[str]:
+    groups: dict[tuple, list[int]] = {}  # layers with the same collectives are listed once
+    for layer, cs in per_layer.items():
+        groups.setdefault(tuple(cs), []).append(layer)
+    lines = []
+    for cs, layers in groups.items():
+        which = f"each layer ({len(layers)})" if len(groups) == 1 else f"layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+        lines.append(f"collectives per forward, {which}: " + (", ".join(map(str, cs)) if cs else "none"))
+        lines += [f"    {str(c):<20} {c.what}" for c in cs]
+    lines.append("collectives per forward, outside the layers: " + (", ".join(map(str, per_forward)) if per_forward else "none"))
+    lines += [f"    {str(c):<20} {c.what}" for c in per_forward]
+    return lines
+
+
 def explain(
-    model: torch.nn.Module, *, tp: int = 1, cp: int = 1, dp: int = 1, combine: str = "all_to_all", kv_interleave: int = 1
+    model: torch.nn.Module,
+    *,
+    tp: int = 1,
+    cp: int = 1,
+    dp: int = 1,
+    combine: str = "all_to_all",
+    ffn: str = "tp",
+    kv_interleave: int = 1,
 ) -> Explanation:
     from cpcompile.parallelize import capture
 
@@ -68,8 +200,17 @@ def explain(
             "explain: this model is already parallelized (its sharded weights are stand-ins); call "
             "cpcompile.explain on the model before cpcompile.parallelize"
         )
-    mesh = Mesh(tp, cp, dp, combine)
+    mesh = Mesh(tp, cp, dp, combine, ffn)
     analysis = capture(model, Options())  # analysed at tp = cp = 1: explain reports mesh problems, never raises on them
     problems = _problems(analysis.roles, analysis.sites, mesh)
-    valid = valid_meshes(analysis.roles, analysis.sites, 16, combine if combine in ("all_to_all", "ag_rs", "all_gather") else "all_to_all")
-    return Explanation(type(model).__name__, mesh, kv_interleave, analysis, problems, valid)
+    error = ""
+    try:
+        validate_mesh(analysis.roles, analysis.sites, mesh)
+    except MeshError as e:
+        error = str(e)
+    # the same list MeshError gives (invalid settings fall back to the defaults there too)
+    valid = valid_meshes(
+        analysis.roles, analysis.sites, max(16, mesh.world), combine if combine in COMBINES else "all_to_all",
+        max(dp, 1), ffn if ffn in FFNS else "tp",
+    )
+    return Explanation(type(model).__name__, mesh, kv_interleave, analysis, problems, valid, error)

@@ -1,9 +1,12 @@
+import collections
+import re
 import subprocess
 import sys
 
 import pytest
 
 import cpcompile
+from cpcompile.explain import forward_collectives
 from cpcompile.tiny import ARCHITECTURES, tiny_model
 
 
@@ -18,7 +21,7 @@ def test_explain_reports_every_layer(arch):
     assert text.count("attention, Hq=4") == 2  # both layers, with their head counts
     assert "lm_head.weight" in text and "replicate" in text
     assert "row/replica" in text  # o_proj over the tp*cp ranks
-    assert "valid (tp, cp)" in text and ("(2, 2)" in text or arch == "deepseek_v3")
+    assert re.search(r"valid \(tp, cp\)", text, re.I) and ("(2, 2)" in text or arch == "deepseek_v3")
 
 
 def test_explain_names_the_mesh_problem_and_the_valid_meshes():
@@ -28,6 +31,86 @@ def test_explain_names_the_mesh_problem_and_the_valid_meshes():
     assert report.valid == [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]
 
 
+def _decode_counts(report, dp_inputs="global"):
+    """explain's collectives summed over one forward, by kind (as PassReport counts["collectives"])."""
+    total = collections.Counter(c.kind for cs in report.layer_collectives().values() for c in cs)
+    for c in forward_collectives(report.mesh):
+        total[c.kind] += dp_inputs == "global" or c.group != "dp"  # the logits' gather is global mode's only
+    return {k: total[k] for k in ("all_reduce", "all_to_all", "all_gather", "reduce_scatter")}
+
+
+# dp, tp, cp, combine, ffn -> per-layer kinds over a 2-layer Llama, and the once-per-forward extra
+# (DESIGN.md sections 2-3; the same table as tests/distributed/test_data_parallel.py's expected counts)
+SCHEMES = [
+    ((1, 2, 2, "all_to_all", "tp"), dict(all_to_all=1, all_reduce=2), {}),
+    ((2, 2, 2, "all_to_all", "sp"), dict(all_gather=1, all_to_all=1, reduce_scatter=1, all_reduce=2), dict(all_gather=2)),
+    ((2, 1, 2, "all_to_all", "sp"), dict(all_gather=1, all_to_all=1, reduce_scatter=1), dict(all_gather=2)),
+    ((2, 1, 1, "all_to_all", "world_tp"), dict(all_gather=1, reduce_scatter=1), dict(all_gather=1)),
+    ((2, 2, 1, "ag_rs", "world_tp"), dict(all_gather=1, reduce_scatter=1, all_reduce=2), dict(all_gather=1)),
+    ((2, 1, 2, "ag_rs", "world_tp"), dict(all_gather=2, reduce_scatter=2, all_reduce=2), dict(all_gather=1)),
+    ((1, 2, 2, "all_gather", "sp"), dict(all_gather=2, all_reduce=2), dict(all_gather=1)),  # o stays row/tp
+    ((1, 2, 1, "all_to_all", "sp"), dict(all_reduce=2), {}),  # cp=1: 'sp' is 'tp'
+    ((1, 2, 1, "all_to_all", "world_tp"), dict(all_reduce=2), {}),  # dp=1: 'world_tp' is 'tp'
+]
+
+
+@pytest.mark.parametrize("mesh, per_layer, once", SCHEMES)
+def test_explain_collectives_per_scheme(mesh, per_layer, once):
+    dp, tp, cp, combine, ffn = mesh
+    report = cpcompile.explain(tiny_model("llama"), tp=tp, cp=cp, dp=dp, combine=combine, ffn=ffn)
+    assert report.ok, str(report)
+    want = {k: 2 * per_layer.get(k, 0) + once.get(k, 0) for k in ("all_reduce", "all_to_all", "all_gather", "reduce_scatter")}
+    assert _decode_counts(report) == want
+    text = str(report)
+    kinds = ", ".join(str(c) for c in report.layer_collectives()[0]) or "none"
+    assert f"collectives per forward, each layer (2): {kinds}" in text
+    assert f"(combine={combine}, ffn={ffn}, kv_interleave=1)" in text
+    assert f"valid (tp, cp) with combine={combine}, dp={dp}, ffn={ffn}: " in text
+
+
+def test_explain_placements_follow_ffn():
+    def placements(**kw):
+        text = str(cpcompile.explain(tiny_model("llama"), **kw))
+        return {role: re.search(rf"^\s+{role}\s+model\.layers\.0\.\S+\s+\[\d+, \d+\]\s+(\S+)$", text, re.M).group(1)
+                for role in ("q", "o", "gate", "down")}
+
+    assert placements(tp=2, cp=2) == dict(q="column/tp", o="row/replica", gate="column/replica", down="row/replica")
+    assert placements(tp=2, cp=2, dp=2, ffn="sp") == dict(q="column/tp", o="row/replica", gate="column/tp", down="row/tp")
+    assert placements(tp=1, cp=2, ffn="sp") == dict(q="replicate", o="row/replica", gate="replicate", down="replicate")
+    assert placements(tp=2, cp=1, dp=2, ffn="world_tp") == dict(q="column/tp", o="row/replica", gate="column/world", down="row/world")
+
+
+def test_explain_token_layout_line():
+    text = str(cpcompile.explain(tiny_model("llama"), tp=1, cp=2, dp=2, ffn="sp"))
+    assert re.search(r"^tokens: rows split over dp=2 replicas .*ffn='sp': outside attention each CP rank keeps ceil\(T/cp=2\)", text, re.M)
+    text = str(cpcompile.explain(tiny_model("llama"), tp=2, dp=2, ffn="world_tp"))
+    assert re.search(r"^tokens: .*ffn='world_tp': the FFN runs on the tokens of all 2 replicas .* 1/4 of its weights", text, re.M)
+    assert "all_gather(dp)       the FFN input: the tokens of every replica" in text
+    assert "reduce_scatter(dp)   down partial sums, each replica taking back its own tokens" in text
+    assert "all_reduce(replica)  down partial sums over the replica's tp*cp ranks" in text
+
+
+def test_explain_invalid_ffn_and_mesh_give_parallelizes_mesh_error():
+    from cpcompile.passes.plan import MeshError
+
+    model = tiny_model("llama")
+    report = cpcompile.explain(model, tp=2, dp=2, ffn="ring")
+    assert not report.ok and report.problems == ["ffn='ring' is not one of ('tp', 'sp', 'world_tp')"]
+    text = str(report)
+    assert "mesh does NOT fit (cpcompile.parallelize raises MeshError):" in text
+    assert "this model cannot run at dp=2, tp=2, cp=1, combine='all_to_all', ffn='ring':" in text
+    assert "collectives per forward" not in text  # nothing to describe for a mesh that does not fit
+    # a real mesh problem at dp=2: the same message parallelize's validation raises, valid meshes at dp=2
+    report = cpcompile.explain(model, tp=8, dp=2, ffn="world_tp")
+    assert report.valid == [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]
+    with pytest.raises(MeshError) as e:
+        from cpcompile.passes.plan import validate_mesh
+
+        validate_mesh(report.analysis.roles, report.analysis.sites, report.mesh)
+    assert report.error == str(e.value)
+    assert "Valid (tp, cp) for this model with combine='all_to_all', dp=2, ffn='world_tp': [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]" in str(report)
+
+
 def test_explain_cli():
     res = subprocess.run(
         [sys.executable, "-m", "cpcompile", "explain", "--model", "gemma2", "--tp", "2"],
@@ -35,6 +118,32 @@ def test_explain_cli():
     )
     assert res.returncode == 0, res.stderr
     assert "eager attention, Hq=4 Hkv=2, Dk=16, scale=0.0625" in res.stdout and "softcap=50" in res.stdout
+
+
+def test_explain_cli_dp_and_ffn():
+    res = subprocess.run(
+        [sys.executable, "-m", "cpcompile", "explain", "--model", "llama", "--dp", "2", "--tp", "2", "--ffn", "sp", "--cp", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "at tp=2, cp=2, dp=2 (combine=all_to_all, ffn=sp, kv_interleave=1)" in res.stdout
+    assert "collectives per forward, each layer (2): all_gather(cp), all_to_all(cp), reduce_scatter(cp), all_reduce(tp), all_reduce(tp)" in res.stdout
+    assert re.search(r"^\s+down\s+model\.layers\.1\.mlp\.down_proj\.weight\s+\[64, 128\]\s+row/tp$", res.stdout, re.M)
+
+
+def test_explain_cli_refuses_bad_ffn_and_reports_a_bad_mesh():
+    res = subprocess.run(
+        [sys.executable, "-m", "cpcompile", "explain", "--model", "llama", "--ffn", "ring"], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 2  # argparse's message quotes the choices or not, by Python version
+    assert re.search(r"argument --ffn: invalid choice: 'ring' \(choose from '?tp'?, '?sp'?, '?world_tp'?\)", res.stderr)
+    res = subprocess.run(
+        [sys.executable, "-m", "cpcompile", "explain", "--model", "llama", "--dp", "2", "--cp", "3", "--ffn", "sp"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 1
+    assert "combine='all_to_all' needs Hq/tp=4 divisible by cp=3 (use 'all_gather')" in res.stdout
+    assert "Valid (tp, cp) for this model with combine='all_to_all', dp=2, ffn='sp': [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)]" in res.stdout
 
 
 def test_cli_refuses_unknown_model():
