@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cpcompile.options import COMBINES, FFNS
-from cpcompile.options import Options
+from cpcompile.options import COMBINES, FFNS, Options
 from cpcompile.passes import Analysis
 from cpcompile.passes.plan import FFN_ROLES, Mesh, MeshError, _problems, placement_for, valid_meshes, validate_mesh
 

@@ -2,10 +2,18 @@
 
 The ranks are started by torch's own launcher machinery (`elastic_launch`, the engine behind
 torchrun: c10d rendezvous on 127.0.0.1, one node, `nproc_per_node = dp·tp·cp`). Every rank loads
-the model, calls `cpcompile.parallelize(model, tp=, cp=, ...)` and `model.generate(...)`; rank 0
-streams the new tokens as they come and, at the end, prints per-rank weight and KV bytes against
-one device, the collectives of one decode step and the time per token. Rank 0 also checks that
-every rank produced the same tokens.
+the model, calls `cpcompile.parallelize(model, tp=, cp=, dp=, ffn=, dp_inputs=, ...)` and
+`model.generate(...)`; rank 0 streams row 0's new tokens as they come and, at the end, prints per
+rank: weight and KV bytes against one device, the tokens its FFN processes per decode step and
+the bytes its collectives send; then the collectives of one decode step, the time per token and
+what each replica generated. Rank 0 also checks that the ranks that must agree produced the same
+tokens: every rank with dp_inputs='global' (each gets the whole batch back), the ranks of each
+replica with dp_inputs='local'.
+
+Requests: with dp_inputs='global' every rank passes the same batch of `batch` rows (default dp,
+one per replica; the library refuses fewer than dp). With dp_inputs='local' replica d passes its
+own requests: `batch + d` rows (default batch 1) of `prompt_len + 3·d` seeded random ids (seed
+1234 + d), or the `--prompt` text on each row, so the replicas differ in batch size and length.
 
 Failures: a rank that raises writes its error to a file and exits 1 (the launcher then stops the
 other ranks, which would otherwise wait in a collective); the parent prints each distinct error
@@ -42,6 +50,10 @@ class GenerateSpec:
     cp: int = 1
     dp: int = 1
     combine: str = "all_to_all"
+    ffn: str = "tp"
+    """FFN placement: 'tp', 'sp' or 'world_tp' (cpcompile.parallelize)."""
+    dp_inputs: str = "global"
+    """'global': every rank passes the same batch; 'local': each replica its own requests."""
     kv_interleave: int = 1
     lowering: str = "inductor"
     prompt: str | None = None
@@ -49,7 +61,8 @@ class GenerateSpec:
     prompt_len: int | None = None
     """A prompt of this many seeded random token ids (instead of `prompt`)."""
     max_new_tokens: int = 64
-    batch: int = 1
+    batch: int | None = None
+    """Global mode: rows of the whole batch (None: dp). Local mode: replica d passes batch + d rows (None: 1)."""
     dtype: str = "float32"
     timeout_s: int = 600
     """Process-group timeout: a rank stuck in a collective fails after this long."""
@@ -59,6 +72,20 @@ class GenerateSpec:
     @property
     def world(self) -> int:
         return self.dp * self.tp * self.cp
+
+    @property
+    def local(self) -> bool:
+        """Each replica passes its own requests (at dp = 1 the one replica's are everyone's)."""
+        return self.dp > 1 and self.dp_inputs == "local"
+
+    def rows(self, dp_rank: int) -> int:
+        """Rows replica `dp_rank` passes to generate(): the whole batch in global mode."""
+        if self.local:
+            return (self.batch or 1) + dp_rank
+        return self.batch or self.dp
+
+    def replica(self, rank: int) -> int:
+        return rank // (self.tp * self.cp)  # rank = (dp_rank·tp + tp_rank)·cp + cp_rank
 
 
 def launch(spec: GenerateSpec) -> int:
@@ -126,24 +153,29 @@ def _generate_on_rank(spec: GenerateSpec, rank: int) -> int:
     )
     try:
         model, tokenizer, label = load(spec.model, getattr(torch, spec.dtype), device)
-        ids, mask = _prompt(spec, model, tokenizer, device)
-        max_length = ids.shape[1] + spec.max_new_tokens
-        one_device = {
+        # every replica's requests (cheap, seeded), so that all ranks agree on one max_length
+        prompts = [_prompt(spec, model, tokenizer, device, d) for d in range(spec.dp if spec.local else 1)]
+        dp_rank = spec.replica(rank)
+        ids, mask = prompts[dp_rank if spec.local else 0]
+        max_length = max(p.shape[1] for p, _ in prompts) + spec.max_new_tokens
+        one_device = {  # one device running this rank's requests (global mode: the whole batch)
             "weight": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "kv": KVCache(_num_layers(model), max_length).allocate(model, spec.batch).kv_bytes(),
+            "kv": KVCache(_num_layers(model), max_length).allocate(model, ids.shape[0]).kv_bytes(),
         }
         if rank == 0:
             print(
                 f"cpcompile generate: {label}; dp={spec.dp} tp={spec.tp} cp={spec.cp} ({spec.world} rank{'s' if spec.world > 1 else ''}), "
-                f"combine={spec.combine}, kv_interleave={spec.kv_interleave}, lowering={spec.lowering}"
+                f"combine={spec.combine}, ffn={spec.ffn}, dp_inputs={spec.dp_inputs}, kv_interleave={spec.kv_interleave}, "
+                f"lowering={spec.lowering}"
             )
-            print(f"prompt ({ids.shape[1]} tokens): {_show(ids[0].tolist(), tokenizer)}")
+            _print_prompts(spec, prompts, tokenizer)
         model = cpcompile.parallelize(
-            model, tp=spec.tp, cp=spec.cp, dp=spec.dp, combine=spec.combine, kv_interleave=spec.kv_interleave,
-            max_length=max_length, lowering=spec.lowering,
+            model, tp=spec.tp, cp=spec.cp, dp=spec.dp, combine=spec.combine, ffn=spec.ffn, dp_inputs=spec.dp_inputs,
+            kv_interleave=spec.kv_interleave, max_length=max_length, lowering=spec.lowering,
         )
         if rank == 0:
-            print(f"generated ({'text' if tokenizer else 'token ids, tiny model without a tokenizer'}, row 0 of {spec.batch}):")
+            whose = f"replica 0's row 0 of {ids.shape[0]}" if spec.local else f"row 0 of {ids.shape[0]}"
+            print(f"generated ({'text' if tokenizer else 'token ids, tiny model without a tokenizer'}, {whose}):")
         streamer = _Streamer(tokenizer, show=rank == 0)
         pad = model.generation_config.pad_token_id
         with torch.no_grad():
@@ -151,19 +183,28 @@ def _generate_on_rank(spec: GenerateSpec, rank: int) -> int:
                 ids, attention_mask=mask, max_new_tokens=spec.max_new_tokens, do_sample=False, streamer=streamer,
                 return_dict_in_generate=True, pad_token_id=pad if pad is not None else model.generation_config.eos_token_id,
             )
+        reports = model._cpcompile.backend.reports
+        decode = reports[-1].counts if len(reports) > 1 else {}  # [0] prefill, [-1] decode
         mine = {
             "rank": rank,
+            "dp_rank": dp_rank,
+            "prompt_len": ids.shape[1],
             "tokens": out.sequences.tolist(),
             "weight": _weight_bytes(model),
             "kv": out.past_key_values.kv_bytes(),
+            "one_device": one_device,
+            "ffn_tokens": decode.get("ffn_tokens"),
+            "collectives": decode.get("collectives"),
+            "collective_bytes": decode.get("collective_bytes"),
             "times": streamer.times,
         }
         every = [None] * spec.world
         dist.all_gather_object(every, mine)
         if rank != 0:
             return 0
-        _print_table(spec, model, one_device, every)
-        return _check_same_tokens(every)
+        _print_table(spec, _num_layers(model), every)
+        _print_replicas(spec, every, tokenizer)
+        return _check_same_tokens(spec, every)
     finally:
         dist.destroy_process_group()
 
@@ -187,18 +228,34 @@ def load(spec: str, dtype: torch.dtype, device: torch.device):
     return model, tokenizer, f"{spec} ({type(model).__name__})"
 
 
-def _prompt(spec: GenerateSpec, model, tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, S] ids and mask; the same on every rank (cpcompile checks that it is)."""
+def _prompt(spec: GenerateSpec, model, tokenizer, device, dp_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S] ids and mask of replica `dp_rank`'s requests (global mode: everyone's, dp_rank 0).
+    Local mode: batch + d rows of prompt_len + 3·d seeded ids (seed 1234 + d), or the text on each row."""
     vocab = model.config.get_text_config().vocab_size
+    rows, extra = spec.rows(dp_rank), (3 * dp_rank if spec.local else 0)
     if spec.prompt_len is not None or (spec.prompt is None and tokenizer is None):
-        g = torch.Generator().manual_seed(1234)
-        ids = torch.randint(3, vocab, (spec.batch, spec.prompt_len or 8), generator=g)  # 0, 1, 2: pad, bos, eos
+        g = torch.Generator().manual_seed(1234 + dp_rank)
+        ids = torch.randint(3, vocab, (rows, (spec.prompt_len or 8) + extra), generator=g)  # 0, 1, 2: pad, bos, eos
     elif tokenizer is not None:
-        ids = tokenizer([spec.prompt or "Once upon a time"] * spec.batch, return_tensors="pt").input_ids
+        ids = tokenizer([spec.prompt or "Once upon a time"] * rows, return_tensors="pt").input_ids
     else:
-        ids = torch.tensor([[b % vocab for b in spec.prompt.encode()]] * spec.batch)  # byte-level: id = UTF-8 byte
+        ids = torch.tensor([[b % vocab for b in spec.prompt.encode()]] * rows)  # byte-level: id = UTF-8 byte
     ids = ids.to(device)
     return ids, torch.ones_like(ids)
+
+
+def _print_prompts(spec: GenerateSpec, prompts: list[tuple[torch.Tensor, torch.Tensor]], tokenizer) -> None:
+    if not spec.local:
+        ids = prompts[0][0]
+        print(f"prompt ({ids.shape[1]} tokens): {_show(ids[0].tolist(), tokenizer)}")
+        if spec.dp > 1:
+            from cpcompile.data_parallel import split_rows
+
+            print(f"rows per replica: {split_rows(ids.shape[0], spec.dp)} (a global batch of {ids.shape[0]} split over dp={spec.dp})")
+        return
+    print("prompts (dp_inputs='local': each replica passes its own requests):")
+    for d, (ids, _) in enumerate(prompts):
+        print(f"  replica {d}: {ids.shape[0]} row{'s' if ids.shape[0] > 1 else ''} x {ids.shape[1]} tokens, row 0: {_show(ids[0].tolist(), tokenizer)}")
 
 
 def _show(ids: list[int], tokenizer) -> str:
@@ -240,19 +297,28 @@ def _weight_bytes(model) -> int:
     return weight_bytes(model)
 
 
-def _print_table(spec: GenerateSpec, model, one_device: dict, every: list[dict]) -> None:
+def _print_table(spec: GenerateSpec, layers: int, every: list[dict]) -> None:
     print()
-    print(f"{'rank':>4} {'dp':>3} {'tp':>3} {'cp':>3} {'weight bytes':>14} {'of 1 device':>11} {'KV bytes':>12} {'of 1 device':>11}")
+    print(
+        f"{'rank':>4} {'dp':>3} {'tp':>3} {'cp':>3} {'weight bytes':>14} {'of 1 device':>11} {'KV bytes':>12} {'of 1 device':>11}"
+        f"  {'FFN tokens/step':>15}  {'collective bytes/step':>21}"
+    )
     for s in every:
         cp_rank = s["rank"] % spec.cp
         tp_rank = s["rank"] // spec.cp % spec.tp
-        dp_rank = s["rank"] // (spec.cp * spec.tp)  # rank = (dp_rank·tp + tp_rank)·cp + cp_rank
+        one = s["one_device"]
+        sent = f"{sum(s['collective_bytes'].values()):,}" if s["collective_bytes"] is not None else "n/a"
         print(
-            f"{s['rank']:>4} {dp_rank:>3} {tp_rank:>3} {cp_rank:>3} {s['weight']:>14,} "
-            f"{s['weight'] / one_device['weight']:>11.1%} {s['kv']:>12,} {s['kv'] / one_device['kv']:>11.1%}"
+            f"{s['rank']:>4} {s['dp_rank']:>3} {tp_rank:>3} {cp_rank:>3} {s['weight']:>14,} "
+            f"{s['weight'] / one['weight']:>11.1%} {s['kv']:>12,} {s['kv'] / one['kv']:>11.1%}"
+            f"  {_per_layer(s['ffn_tokens']):>15}  {sent:>21}"
         )
-    print(f"{'1 device':>16} {one_device['weight']:>14,} {'':>11} {one_device['kv']:>12,}")
-    print(f"collectives per decode step: {_collectives(model)}")
+    firsts = [next(s for s in every if s["dp_rank"] == d) for d in range(spec.dp)] if spec.local else every[:1]
+    for s in firsts:  # local mode: one device running that replica's requests
+        label = f"1 device (dp {s['dp_rank']})" if spec.local else "1 device"
+        print(f"{label:>16} {s['one_device']['weight']:>14,} {'':>11} {s['one_device']['kv']:>12,}")
+    print(f"FFN tokens/step: {_ffn_tokens_note(spec, every[0]['ffn_tokens'], layers)}")
+    print(f"collectives per decode step: {_collectives(every, layers)}")
     t = every[0]["times"]
     n = len(t) - 1  # new tokens
     line = f"time: first token {1e3 * (t[1] - t[0]):.1f} ms (prefill + compile)" if n >= 1 else "time: no tokens"
@@ -263,37 +329,101 @@ def _print_table(spec: GenerateSpec, model, one_device: dict, every: list[dict])
     print(line)
 
 
-def _collectives(model) -> str:
-    """From the pass report of the last graph compiled (the decode step): kind -> count."""
-    state = getattr(model, "_cpcompile", None)
-    reports = getattr(getattr(state, "backend", None), "reports", None)
-    counts = reports[-1].counts.get("collectives") if reports else None
-    if not isinstance(counts, dict):
+def _per_layer(values: list[int] | None) -> str:
+    """One number when every layer has it, else the per-layer list joined by '/'."""
+    if not values:
         return "n/a"
-    layers = _num_layers(model)
+    return f"{values[0]:,}" if len(set(values)) == 1 else "/".join(map(str, values))
+
+
+def _ffn_tokens_note(spec: GenerateSpec, values: list[int] | None, layers: int) -> str:
+    if not values:
+        return "n/a (no decode step, or no FFN down projection recognised)"
+    which = f"the same in all {len(values)} layers" if len(set(values)) == 1 else f"layer 0/1/.../{len(values) - 1}"
+    scheme = {
+        "sp": f"ffn='sp': ceil(T/cp={spec.cp}) of the replica's T tokens on each CP rank",
+        "world_tp": f"ffn='world_tp': the tokens of all {spec.dp} replicas, each padded to the largest",
+    }
+    active = spec.ffn == "sp" and spec.cp > 1 or spec.ffn == "world_tp" and spec.dp > 1
+    what = scheme[spec.ffn] if active else f"ffn='{spec.ffn}': all the replica's tokens on each of its ranks"
+    return f"tokens into each layer's FFN down projection per decode step ({which}), padding included; {what}"
+
+
+def _collectives(every: list[dict], layers: int) -> str:
+    """Rank 0's decode-step graph (the pass report of the last graph compiled): kind -> count and bytes;
+    count = n/layer x layers + what runs once per step (the logits' all-gather, sp's LM-head gather)."""
+    counts, sent = every[0]["collectives"], every[0]["collective_bytes"]
+    if not isinstance(counts, dict):
+        return "n/a (no decode step)"
     used = {k: v for k, v in counts.items() if v}
     if not used:
         return "none"
-    return ", ".join(f"{k} {v} ({v / layers:g}/layer over {layers} layers)" for k, v in used.items())
+    parts = []
+    for k, v in used.items():
+        per, rest = divmod(v, layers)
+        how = ", ".join(([f"{per}/layer over {layers} layers"] if per else []) + ([f"+{rest} per step"] if rest else []))
+        parts.append(f"{k} {v} ({how}; {sent[k]:,} bytes)")
+    line = ", ".join(parts)
+    differ = [s for s in every if s["collectives"] != counts]
+    if differ:  # not expected: every rank runs the same passes on the same layout
+        line = "rank 0: " + line + "".join(f"; rank {s['rank']}: {s['collectives']}" for s in differ)
+    return line
 
 
-def _check_same_tokens(every: list[dict]) -> int:
-    reference = every[0]["tokens"]
-    divergent = [s["rank"] for s in every if s["tokens"] != reference]
-    if not divergent:
-        n = len(every)
-        print(f"tokens: identical on all {n} ranks" if n > 1 else "tokens: 1 rank, nothing to compare")
-        return 0
-    for s in every:
-        if s["rank"] in divergent:
-            row = next(i for i, (a, b) in enumerate(zip(s["tokens"], reference)) if a != b)
-            col = next(j for j, (a, b) in enumerate(zip(s["tokens"][row], reference[row])) if a != b)
+def _print_replicas(spec: GenerateSpec, every: list[dict], tokenizer) -> None:
+    """What each replica generated: its own requests (local) or its rows of the global batch."""
+    if spec.dp == 1 and len(every[0]["tokens"]) == 1:
+        return  # the streamed row is all there is
+    print("generated per replica:" if spec.dp > 1 else "generated:")
+    if not spec.local:
+        from cpcompile.data_parallel import split_rows
+
+        rows = split_rows(len(every[0]["tokens"]), spec.dp)
+    for d in range(spec.dp):
+        ranks = [s["rank"] for s in every if s["dp_rank"] == d]
+        first = next(s for s in every if s["dp_rank"] == d)
+        tokens = first["tokens"] if spec.local else every[0]["tokens"]
+        start = 0 if spec.local else sum(rows[:d])
+        stop = len(tokens) if spec.local else start + rows[d]
+        who = f"ranks {ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else f"rank {ranks[0]}"
+        span = f"row {start}" if stop - start == 1 else f"rows {start}-{stop - 1}"
+        if spec.dp > 1:
+            whose = f"its own {span}" if spec.local else f"{span} of the global batch"
+            print(f"  replica {d} ({who}): {whose}, prompt {first['prompt_len']} tokens")
+        for r in range(start, stop):
+            print(f"{'    ' if spec.dp > 1 else '  '}row {r}: {_show(tokens[r][first['prompt_len']:], tokenizer)}")
+
+
+def _check_same_tokens(spec: GenerateSpec, every: list[dict]) -> int:
+    """Global mode: every rank returns the whole batch, so all must agree with rank 0. Local mode: each
+    replica has its own requests, so the ranks of a replica must agree with its first rank."""
+    groups = [[s for s in every if s["dp_rank"] == d] for d in range(spec.dp)] if spec.local else [every]
+    divergent = []
+    for group in groups:
+        reference = group[0]
+        for s in group:
+            if s["tokens"] == reference["tokens"]:
+                continue
+            divergent.append(s["rank"])
+            row = next((i for i, (a, b) in enumerate(zip(s["tokens"], reference["tokens"])) if a != b), 0)
+            col = next((j for j, (a, b) in enumerate(zip(s["tokens"][row], reference["tokens"][row])) if a != b), 0)
             print(
-                f"ERROR: rank {s['rank']} generated different tokens from rank 0: row {row}, position {col}: "
-                f"{s['tokens'][row][col:col + 8]} vs {reference[row][col:col + 8]}",
+                f"ERROR: rank {s['rank']} generated different tokens from rank {reference['rank']}: row {row}, position {col}: "
+                f"{s['tokens'][row][col:col + 8]} vs {reference['tokens'][row][col:col + 8]}",
                 file=sys.stderr,
             )
-    return 1
+    if divergent:
+        return 1
+    n = len(every)
+    if n == 1:
+        print("tokens: 1 rank, nothing to compare")
+    elif spec.local:
+        size = spec.tp * spec.cp
+        print(f"tokens: identical on the {size} ranks of each replica ({spec.dp} replicas, each its own requests)"
+              if size > 1 else f"tokens: {spec.dp} replicas of 1 rank, each its own requests, nothing to compare")
+    else:
+        print(f"tokens: identical on all {n} ranks")
+    return 0
 
 
 def _report_failures(spec: GenerateSpec, exitcodes: dict[int, int]) -> None:
