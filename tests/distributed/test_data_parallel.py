@@ -20,7 +20,7 @@ def _replica_prompts(dp_rank):
     return _prompts(2 + dp_rank, 7 - 2 * dp_rank, seed=10 + dp_rank), 7 - 2 * dp_rank
 
 
-def run_dp(arch, dp, tp, cp, ffn, dp_inputs, batch, prompt_len, new_tokens, combine="all_to_all"):
+def run_dp(arch, dp, tp, cp, ffn, dp_inputs, batch, prompt_len, new_tokens, combine="all_to_all", lowering="eager"):
     """On every rank: the single-device reference on this rank's requests, then the parallel run."""
     import torch.distributed as dist
 
@@ -39,7 +39,7 @@ def run_dp(arch, dp, tp, cp, ffn, dp_inputs, batch, prompt_len, new_tokens, comb
         ids, mask = _prompts(batch, prompt_len)
         rows = split_rows(batch, dp)[dp_rank]
     want = _generate(ref, ids, mask, new_tokens)
-    parallelize(model, dp=dp, tp=tp, cp=cp, ffn=ffn, dp_inputs=dp_inputs, combine=combine, max_length=MAX_LENGTH, lowering="eager")
+    parallelize(model, dp=dp, tp=tp, cp=cp, ffn=ffn, dp_inputs=dp_inputs, combine=combine, max_length=MAX_LENGTH, lowering=lowering)
     got = _generate(model, ids, mask, new_tokens)
     reports = model._cpcompile.backend.reports
     layer = got.past_key_values.layers[0]
@@ -131,6 +131,15 @@ def test_generate_equals_single_device(request, arch, dp, tp, cp, ffn, dp_inputs
         assert r["kv_bytes"] == r["kv_single_rows"] * (slots + 1) * local_heads // ((MAX_LENGTH + 1) * global_heads)
         if dp * tp * cp > dp:
             assert r["weight_fraction"] < 1.0
+
+
+@pytest.mark.parametrize("lowering, dp, cp, ffn", [("inductor", 2, 1, "world_tp"), ("aot_eager", 1, 2, "sp")])
+def test_compiled_lowerings(world2, lowering, dp, cp, ffn):
+    """The new collectives (reduce-scatter, padded gathers, row concatenation) through AOT/Inductor."""
+    results = world2.run(run_dp, "llama", dp, 1, cp, ffn, "global", 3, 6, 8, "all_to_all", lowering)
+    check_equivalent(results, 6)
+    assert results[0]["graphs"] == 2
+    assert results[0]["decode"]["collectives"] == expected_decode_collectives(results[0]["layers"], dp, 1, cp, ffn, "global")
 
 
 def test_sp_chunks_padded_when_tokens_do_not_divide(world2):
