@@ -188,9 +188,9 @@ class _Splitter:
                 return isinstance(n.args[1], int)
             idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
             if idx and idx[0] is Ellipsis:
-                return all(isinstance(i, (slice, int)) for i in idx[1:]) and len(idx) - 1 <= len(self._split_shape(src)) - 2
+                return all(isinstance(i, (slice, int)) for i in idx[1:]) and len(idx) - 1 <= len(shape(src)) - 2
             return len(idx) >= 2 and idx[0] == slice(None) and idx[1] == slice(None) and None not in idx[2:]
-        ndim = len(self._split_shape(next(i for i in n.all_input_nodes if self.layout.get(i, FULL) != FULL)))
+        ndim = len(shape(next(i for i in n.all_input_nodes if self.layout.get(i, FULL) != FULL)))
         if n.target is _c10d.all_reduce.default:  # FFN down over tp (sp): the tp group shares this chunk
             return self.kind == CHUNK and n.args[2] == self.split.group_names.get("tp")
         if n.target is _c10d.wait_tensor.default:
@@ -214,7 +214,7 @@ class _Splitter:
         """Every FULL tensor operand either does not vary over tokens or is sliced to the chunk."""
         if not _aten_pointwise(_name(n)):
             return True  # linear / norms / reductions: their other tensor inputs are weights
-        out_ndim = len(self._traced(n)) if not isinstance(val(n), (tuple, list)) else None
+        out_ndim = len(shape(n)) if not isinstance(val(n), (tuple, list)) else None
         src = next(i for i in n.all_input_nodes if self.layout.get(i, FULL) != FULL)
         for i in n.all_input_nodes:
             if self.layout.get(i, FULL) != FULL or not isinstance(val(i), torch.Tensor):
@@ -389,12 +389,6 @@ class _Splitter:
                 out.add(n)
                 todo += n.all_input_nodes
         return out
-
-    def _split_shape(self, n: fx.Node) -> tuple:
-        return shape(n)
-
-    def _traced(self, n: fx.Node) -> tuple:
-        return shape(n)
 
     def _traced_full(self, n: fx.Node) -> tuple | None:
         src = next(i for i in n.all_input_nodes if self.layout.get(i, FULL) != FULL)
