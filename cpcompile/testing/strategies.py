@@ -1,14 +1,17 @@
 """Hypothesis strategies for cpcompile's equivalence properties (needs `hypothesis`).
 
     tiny_configs("gemma2")            -> a small, valid transformers.Gemma2Config
-    meshes(config, max_world=4)       -> Mesh(tp, cp, combine, kv_interleave) the config can take
+    meshes(config, max_world=4)       -> Mesh(tp, cp, dp, combine, ffn, kv_interleave, dp_inputs)
+                                         the config can take, on dp*tp*cp <= max_world ranks
     invalid_meshes(config)            -> Mesh(...) it cannot (for error tests)
-    prompts(vocab, max_batch, max_len, cp=2) -> ragged token lists (left-padded by assert_equivalent)
+    prompts(vocab, max_batch, max_len, cp=2, min_batch=dp) -> ragged token lists (left-padded
+                                         by assert_equivalent)
 
 Mesh validity is computed from the config's numbers with the rules of
-`cpcompile.passes.plan._problems` (which reads the captured graph instead);
-`tests/testing/test_strategies.py` checks the two agree. `dp` is always 1: attention data
-parallelism is a later milestone.
+`cpcompile.passes.plan._problems` (which reads the captured graph instead), including the FFN
+group's divisibility: the replica's tp*cp ranks for ffn='tp', the tp group for 'sp', all
+dp*tp*cp ranks for 'world_tp'. `tests/testing/test_strategies.py` checks the two agree for
+every dp and ffn.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import transformers
 from hypothesis import strategies as st
 
-from cpcompile.passes.plan import COMBINES
+from cpcompile.options import COMBINES, DP_INPUTS, FFNS
 
 PARALLEL_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "gpt_neox")
 """Architectures cpcompile runs at any valid (tp, cp); deepseek_v3 (MLA) runs at tp = cp = 1 only."""
@@ -31,18 +34,24 @@ FIRST_TOKEN = 3  # prompts avoid pad / bos / eos
 
 @dataclass(frozen=True)
 class Mesh:
+    """One way to run a model: `plan.Mesh`'s fields and the options that shape the run."""
+
     tp: int
     cp: int
+    dp: int = 1
     combine: str = "all_to_all"
-    kv_interleave: int = 1
+    ffn: str = "tp"
+    kv_interleave: int = 1  # matters only at cp > 1
+    dp_inputs: str = "global"  # matters only at dp > 1
 
     @property
     def world(self) -> int:
-        return self.tp * self.cp
+        return self.dp * self.tp * self.cp
 
     def options(self) -> dict:
         """The keywords of `parallelize` / `assert_equivalent` for this mesh."""
-        return dict(tp=self.tp, cp=self.cp, combine=self.combine, kv_interleave=self.kv_interleave)
+        return dict(tp=self.tp, cp=self.cp, dp=self.dp, combine=self.combine, ffn=self.ffn,
+                    kv_interleave=self.kv_interleave, dp_inputs=self.dp_inputs)
 
 
 def tiny_model_from_config(config: transformers.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
@@ -131,12 +140,20 @@ def _dims(config) -> dict:
     return dict(Hq=hq, Hkv=hkv, D=d, I=config.intermediate_size, fused_qkv=fused_qkv)
 
 
-def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all") -> list[str]:
-    """Why `config` cannot run at (tp, cp, combine), from its numbers: `plan._problems`'s rules
-    applied to the heads and the projection widths (q, k, v / qkv column over tp; o row over the
-    replica, or over tp for 'all_gather'; gate, up, down / gate_up / fc1, fc2 over the replica)."""
-    if config.model_type in SINGLE_DEVICE_ONLY:
-        return [] if (tp, cp) == (1, 1) else [f"{config.model_type} runs at tp = cp = 1 only"]
+def ffn_group(ffn: str, tp: int, cp: int, dp: int) -> int:
+    """Ranks the FFN weights are split over (plan's `_FFN_GROUP`): the replica, tp, or every rank."""
+    return {"tp": tp * cp, "sp": tp, "world_tp": dp * tp * cp}[ffn]
+
+
+def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp") -> list[str]:
+    """Why `config` cannot run at (tp, cp, dp, combine, ffn), from its numbers: `plan._problems`'s
+    rules applied to the heads and the projection widths (q, k, v / qkv column over tp; o row over
+    the replica, or over tp for 'all_gather'; gate, up, down / gate_up / fc1, fc2 over the FFN
+    group: the replica (ffn='tp'), tp ('sp') or every rank ('world_tp'))."""
+    if config.model_type in SINGLE_DEVICE_ONLY:  # MLA: a replica of one rank, the FFN not spread over replicas
+        if (tp, cp) != (1, 1) or (ffn == "world_tp" and dp > 1):
+            return [f"{config.model_type} runs at tp = cp = 1 (and ffn != 'world_tp' at dp > 1) only"]
+        return []
     d, out = _dims(config), []
     hq, hkv = d["Hq"], d["Hkv"]
     if hq % tp:
@@ -145,47 +162,59 @@ def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all") -> list
         out.append(f"Hkv={hkv} vs tp={tp}")
     if combine in ("all_to_all", "ag_rs") and (hq // tp) % cp:
         out.append(f"Hq/tp={hq // tp} % cp={cp}")
-    widths = [("o", hq * d["D"], tp if combine == "all_gather" else tp * cp), ("ffn", d["I"], tp * cp)]
+    widths = [("o", hq * d["D"], tp if combine == "all_gather" else tp * cp), ("ffn", d["I"], ffn_group(ffn, tp, cp, dp))]
     widths += [("qkv", (hq + 2 * hkv) * d["D"], tp)] if d["fused_qkv"] else [("q", hq * d["D"], tp), ("kv", hkv * d["D"], tp)]
     out += [f"{name} width {w} % {g}" for name, w, g in widths if g > 1 and w % g]
     return out
 
 
-def valid_meshes_of(config, max_world: int = 4, combine: str = "all_to_all") -> list[tuple[int, int]]:
-    """(tp, cp) with tp*cp <= max_world, in `plan.valid_meshes`'s order."""
-    return [(tp, cp) for tp in range(1, max_world + 1) for cp in range(1, max_world // tp + 1)
-            if not mesh_problems(config, tp, cp, combine)]
+def valid_meshes_of(config, max_world: int = 4, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp") -> list[tuple[int, int]]:
+    """(tp, cp) with dp*tp*cp <= max_world, in `plan.valid_meshes`'s order."""
+    return [(tp, cp) for tp in range(1, max_world // dp + 1) for cp in range(1, max_world // (dp * tp) + 1)
+            if not mesh_problems(config, tp, cp, combine, dp, ffn)]
+
+
+def _all_meshes(max_world: int, dps=None, ffns=FFNS) -> list[tuple[int, int, int, str, str]]:
+    """Every (dp, tp, cp, combine, ffn) of at most `max_world` ranks, dp in `dps` (None: any)."""
+    return [(dp, tp, cp, c, f) for dp in range(1, max_world + 1) if dps is None or dp in dps
+            for tp in range(1, max_world // dp + 1) for cp in range(1, max_world // (dp * tp) + 1)
+            for c in COMBINES for f in ffns]
 
 
 @st.composite
-def meshes(draw, model_config, max_world: int = 4, min_world: int = 1, max_interleave: int = 3):
-    """A `Mesh` `model_config` can take, min_world <= tp*cp <= max_world (falling back to
-    (1, 1), always valid, when no larger one is); kv_interleave matters only at cp > 1."""
-    choices = [(tp, cp, c) for c in COMBINES for tp, cp in valid_meshes_of(model_config, max_world, c)]
-    choices = [m for m in choices if m[0] * m[1] >= min_world] or [(1, 1, "all_to_all")]
-    tp, cp, combine = draw(st.sampled_from(choices))
+def meshes(draw, model_config, max_world: int = 4, min_world: int = 1, max_interleave: int = 3, dps=None, ffns=FFNS,
+           dp_inputs=DP_INPUTS):
+    """A `Mesh` `model_config` can take, min_world <= dp*tp*cp <= max_world (falling back to
+    dp = tp = cp = 1, always valid, when no larger one is), dp in `dps` (None: any), ffn in
+    `ffns`; kv_interleave is drawn only at cp > 1, dp_inputs (from `dp_inputs`) only at dp > 1."""
+    choices = [(dp, tp, cp, c, f) for dp, tp, cp, c, f in _all_meshes(max_world, dps, ffns)
+               if dp * tp * cp >= min_world and not mesh_problems(model_config, tp, cp, c, dp, f)]
+    dp, tp, cp, combine, ffn = draw(st.sampled_from(choices or [(1, 1, 1, "all_to_all", "tp")]))
     interleave = draw(st.integers(1, max_interleave)) if cp > 1 else 1
-    return Mesh(tp, cp, combine, interleave)
+    inputs = draw(st.sampled_from(dp_inputs)) if dp > 1 else "global"
+    return Mesh(tp, cp, dp, combine, ffn, interleave, inputs)
 
 
 @st.composite
-def invalid_meshes(draw, model_config, max_world: int = 16):
-    """A `Mesh` (tp, cp >= 1, a known combine) `model_config` cannot take; tp*cp <= max_world."""
-    choices = [(tp, cp, c) for c in COMBINES for tp in range(1, max_world + 1) for cp in range(1, max_world // tp + 1)
-               if mesh_problems(model_config, tp, cp, c)]
-    st_choice = st.sampled_from(choices) if choices else st.nothing()
-    tp, cp, combine = draw(st_choice)
-    return Mesh(tp, cp, combine, draw(st.integers(1, 3)))
+def invalid_meshes(draw, model_config, max_world: int = 16, dps=None):
+    """A `Mesh` (tp, cp, dp >= 1, a known combine and ffn) `model_config` cannot take, on
+    dp*tp*cp <= max_world ranks, dp in `dps` (None: any)."""
+    choices = [(dp, tp, cp, c, f) for dp, tp, cp, c, f in _all_meshes(max_world, dps)
+               if mesh_problems(model_config, tp, cp, c, dp, f)]
+    dp, tp, cp, combine, ffn = draw(st.sampled_from(choices) if choices else st.nothing())
+    inputs = draw(st.sampled_from(DP_INPUTS)) if dp > 1 else "global"
+    return Mesh(tp, cp, dp, combine, ffn, draw(st.integers(1, 3)), inputs)
 
 
 # ----------------------------------------------------------------------------- prompts
 
 
 @st.composite
-def prompts(draw, vocab: int, max_batch: int = 3, max_len: int = 8, cp: int = 1):
-    """A batch of 1..max_batch token lists of lengths 1..max_len (ragged, so rows are left-padded),
-    which includes, with cp > 1, prompts shorter than cp (CP ranks with nothing at prefill)."""
-    batch = draw(st.integers(1, max_batch))
+def prompts(draw, vocab: int, max_batch: int = 3, max_len: int = 8, cp: int = 1, min_batch: int = 1):
+    """A batch of min_batch..max(min_batch, max_batch) token lists of lengths 1..max_len (ragged,
+    so rows are left-padded), which includes, with cp > 1, prompts shorter than cp (CP ranks with
+    nothing at prefill). With dp replicas pass min_batch=dp: each replica needs a row."""
+    batch = draw(st.integers(min_batch, max(min_batch, max_batch)))
     short = st.integers(1, max(1, cp - 1)) if cp > 1 else st.integers(1, max_len)
     length = st.one_of(short, st.integers(1, max_len))
     token = st.integers(FIRST_TOKEN, vocab - 1)

@@ -1,8 +1,9 @@
 """Property tests of cpcompile's equivalence promise: hypothesis profiles and shared worlds.
 
 Profiles (HYPOTHESIS_PROFILE, default `ci`):
-  ci    bounded so that tests/properties runs in under 10 minutes on a 2-core CPU machine;
-        derandomized (the same examples every run), no example database, no deadline;
+  ci    bounded so that tests/properties runs in under 8 minutes on a 2-core CPU machine
+        (dp, tp, cp up to 4 ranks in all); derandomized (the same examples every run), no
+        example database, no deadline;
   deep  many more examples, randomized, by hand before a release:
         HYPOTHESIS_PROFILE=deep python -m pytest tests/properties -q
 
@@ -30,8 +31,9 @@ settings.load_profile(PROFILE)
 
 @pytest.fixture(scope="session")
 def worlds():
-    """`worlds(n)`: a gloo world of n ranks, started on first use and kept for the session
-    (a world costs seconds to start, one example's run costs about as much as a compile)."""
+    """`worlds(n)`: a gloo world of n = dp*tp*cp ranks (2, 3 or 4), started on first use and kept
+    for the session (a world costs seconds to start, one example's run costs about as much as a
+    compile)."""
     started: dict[int, World] = {}
 
     def get(n: int) -> World:

@@ -1,18 +1,18 @@
 """The promise, as properties: for every architecture cpcompile runs in parallel, any small
-config of it, any mesh (tp, cp, combine, kv_interleave) of at most 4 ranks it can take, and any
-batch of left-padded prompts (some shorter than cp), the parallel model's logits and greedy
-tokens equal the single-device model's, step by step (`assert_equivalent`, forced decoding).
+config of it, any mesh (dp, tp, cp, combine, ffn, kv_interleave, dp_inputs) of at most 4 ranks
+it can take, and any batch of left-padded prompts (some shorter than cp, at least one row per
+replica), the parallel model's logits and greedy tokens equal the single-device model's, step
+by step (`assert_equivalent`, forced decoding).
 
 Lowering "eager": the passes and collectives are what is tested; Inductor and AOT are covered
-by tests/distributed/test_parallelize.py::test_compiled_lowerings. dp is always 1 (attention
-data parallelism is a later milestone).
+by tests/distributed/test_parallelize.py::test_compiled_lowerings.
 """
 
 import functools
 
 import pytest
 import transformers
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from cpcompile.testing import FP32_TOLERANCE, assert_equivalent
@@ -27,6 +27,8 @@ from cpcompile.testing.strategies import (
 
 
 def _check(worlds, config, mesh, batch, steps, seed):
+    # `--hypothesis-show-statistics` shows how the meshes drawn spread over dp, ffn and input modes
+    event(f"dp={mesh.dp} tp={mesh.tp} cp={mesh.cp} ffn={mesh.ffn} dp_inputs={mesh.dp_inputs}")
     result = assert_equivalent(
         functools.partial(tiny_model_from_config, config, seed=seed),
         **mesh.options(), prompts=batch, max_new_tokens=steps, lowering="eager",
@@ -42,7 +44,7 @@ def _check(worlds, config, mesh, batch, steps, seed):
 def test_parallel_equals_single_device(worlds, arch, data):
     config = data.draw(tiny_configs(arch), label="config")
     mesh = data.draw(meshes(config, max_world=4, min_world=2), label="mesh")
-    batch = data.draw(prompts(config.vocab_size, max_batch=3, max_len=7, cp=mesh.cp), label="prompts")
+    batch = data.draw(prompts(config.vocab_size, max_batch=3, max_len=7, cp=mesh.cp, min_batch=mesh.dp), label="prompts")
     steps = data.draw(st.integers(1, 5), label="max_new_tokens")
     _check(worlds, config, mesh, batch, steps, data.draw(st.integers(0, 3), label="seed"))
 
@@ -50,10 +52,11 @@ def test_parallel_equals_single_device(worlds, arch, data):
 @pytest.mark.parametrize("arch", SINGLE_DEVICE_ONLY)
 @given(data=st.data())
 def test_single_device_only_architectures(worlds, arch, data):
-    """DeepSeek-V3 (MLA) runs at tp = cp = 1 only: its compiled model equals HF's."""
+    """DeepSeek-V3 (MLA + MoE) runs on replicas of one rank (tp = cp = 1), at dp = 1 or more:
+    its compiled model equals HF's."""
     config = data.draw(tiny_configs(arch), label="config")
-    mesh = data.draw(meshes(config, max_world=1), label="mesh")
-    batch = data.draw(prompts(config.vocab_size, max_batch=2, max_len=6), label="prompts")
+    mesh = data.draw(meshes(config, max_world=2), label="mesh")
+    batch = data.draw(prompts(config.vocab_size, max_batch=2, max_len=6, min_batch=mesh.dp), label="prompts")
     _check(worlds, config, mesh, batch, data.draw(st.integers(1, 4), label="max_new_tokens"), 0)
 
 

@@ -1,5 +1,5 @@
 """The strategies draw what they promise: configs HF builds, meshes `plan.valid_meshes` agrees
-with (on the captured graph), invalid meshes it refuses, prompts within bounds."""
+with (on the captured graph) at every dp and ffn, invalid meshes it refuses, prompts within bounds."""
 
 import pytest
 from hypothesis import given, settings
@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from cpcompile.options import Options
 from cpcompile.parallelize import capture
-from cpcompile.passes.plan import COMBINES, valid_meshes
+from cpcompile.options import COMBINES, FFNS
+from cpcompile.passes.plan import valid_meshes
 from cpcompile.testing.strategies import (
     FIRST_TOKEN,
     PARALLEL_ARCHITECTURES,
@@ -32,28 +33,53 @@ def test_mesh_rules_agree_with_the_plan(arch, data):
     assert 1 <= config.num_hidden_layers <= 2 and config.hidden_size <= 128
     analysis = capture(tiny_model_from_config(config), Options())  # HF builds it; cpcompile finds every site
     assert len(analysis.sites) == config.num_hidden_layers
-    for combine in COMBINES:
-        assert valid_meshes_of(config, 8, combine) == valid_meshes(analysis.roles, analysis.sites, 8, combine)
+    _agree_at_every_dp_and_ffn(config, analysis)
     mesh = data.draw(meshes(config), label="mesh")
-    assert mesh.world <= 4 and not mesh_problems(config, mesh.tp, mesh.cp, mesh.combine)
+    assert mesh.world <= 4 and not mesh_problems(config, mesh.tp, mesh.cp, mesh.combine, mesh.dp, mesh.ffn)
+    assert (mesh.tp, mesh.cp) in valid_meshes(analysis.roles, analysis.sites, 4, mesh.combine, mesh.dp, mesh.ffn)
     bad = data.draw(invalid_meshes(config), label="invalid mesh")
-    assert (bad.tp, bad.cp) not in valid_meshes(analysis.roles, analysis.sites, 16, bad.combine)
+    assert (bad.tp, bad.cp) not in valid_meshes(analysis.roles, analysis.sites, 16, bad.combine, bad.dp, bad.ffn)
+
+
+def _agree_at_every_dp_and_ffn(config, analysis, max_world=8):
+    for combine in COMBINES:
+        assert valid_meshes_of(config, max_world, combine) == valid_meshes(analysis.roles, analysis.sites, max_world, combine)
+        for dp in range(1, 5):
+            for ffn in FFNS:
+                ours = valid_meshes_of(config, max_world, combine, dp, ffn)
+                assert ours == valid_meshes(analysis.roles, analysis.sites, max_world, combine, dp, ffn), (combine, dp, ffn)
 
 
 @pytest.mark.parametrize("arch", SINGLE_DEVICE_ONLY)
 @BOUNDED
 @given(data=st.data())
-def test_single_device_architectures_draw_only_the_trivial_mesh(arch, data):
+def test_single_device_architectures_draw_only_replicas_of_one_rank(arch, data):
     config = data.draw(tiny_configs(arch))
-    capture(tiny_model_from_config(config), Options())
-    assert data.draw(meshes(config)).world == 1
+    analysis = capture(tiny_model_from_config(config), Options())
+    _agree_at_every_dp_and_ffn(config, analysis)
+    mesh = data.draw(meshes(config))
+    assert (mesh.tp, mesh.cp) == (1, 1) and (mesh.dp == 1 or mesh.ffn != "world_tp")
+
+
+def test_meshes_draw_every_dp_ffn_and_input_mode():
+    import transformers
+    from hypothesis import find
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, head_dim=8, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    for dp in (2, 3, 4):
+        for ffn in FFNS:
+            for inputs in ("global", "local"):
+                find(meshes(config, max_world=4), lambda m: (m.dp, m.ffn, m.dp_inputs) == (dp, ffn, inputs),
+                     settings=settings(database=None, max_examples=2000))
+    assert find(meshes(config, max_world=4, dps=(1,)), lambda m: True).dp == 1
 
 
 @settings(max_examples=200, derandomize=True, database=None)
-@given(cp=st.integers(1, 4), data=st.data())
-def test_prompts_are_within_bounds(cp, data):
-    batch = data.draw(prompts(vocab=64, max_batch=3, max_len=6, cp=cp))
-    assert 1 <= len(batch) <= 3
+@given(cp=st.integers(1, 4), dp=st.integers(1, 4), data=st.data())
+def test_prompts_are_within_bounds(cp, dp, data):
+    batch = data.draw(prompts(vocab=64, max_batch=3, max_len=6, cp=cp, min_batch=dp))
+    assert dp <= len(batch) <= max(3, dp)
     assert all(1 <= len(p) <= 6 and all(FIRST_TOKEN <= t < 64 for t in p) for p in batch)
 
 
