@@ -140,7 +140,7 @@ def _dims(config) -> dict:
     return dict(Hq=hq, Hkv=hkv, D=d, I=config.intermediate_size, fused_qkv=fused_qkv)
 
 
-def ffn_group(ffn: str, tp: int, cp: int, dp: int) -> int:
+def _ffn_group(ffn: str, tp: int, cp: int, dp: int) -> int:
     """Ranks the FFN weights are split over (plan's `_FFN_GROUP`): the replica, tp, or every rank."""
     return {"tp": tp * cp, "sp": tp, "world_tp": dp * tp * cp}[ffn]
 
@@ -162,7 +162,7 @@ def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all", dp: int
         out.append(f"Hkv={hkv} vs tp={tp}")
     if combine in ("all_to_all", "ag_rs") and (hq // tp) % cp:
         out.append(f"Hq/tp={hq // tp} % cp={cp}")
-    widths = [("o", hq * d["D"], tp if combine == "all_gather" else tp * cp), ("ffn", d["I"], ffn_group(ffn, tp, cp, dp))]
+    widths = [("o", hq * d["D"], tp if combine == "all_gather" else tp * cp), ("ffn", d["I"], _ffn_group(ffn, tp, cp, dp))]
     widths += [("qkv", (hq + 2 * hkv) * d["D"], tp)] if d["fused_qkv"] else [("q", hq * d["D"], tp), ("kv", hkv * d["D"], tp)]
     out += [f"{name} width {w} % {g}" for name, w, g in widths if g > 1 and w % g]
     return out
