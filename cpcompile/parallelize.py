@@ -141,7 +141,8 @@ def parallelize(
         if state.rank is not None:
             kwargs, layout = _replica_inputs(state, kwargs)
         kwargs = _with_cpcompile_cache(model, state, kwargs)
-        return compiled(replica_layout=layout, **kwargs)
+        with torch.no_grad():  # inference only: the rewritten ops have no backward (AOT would trace one)
+            return compiled(replica_layout=layout, **kwargs)
 
     model.forward = forward
     if state.rank is not None:

@@ -93,3 +93,14 @@ def test_generation_past_max_length_is_refused_before_writing():
     ids, mask = _prompts(batch=1, length=8)
     with pytest.raises(ValueError, match=r"to 13 tokens, past max_length=12.*Nothing was written"):
         _generate(model, ids, mask, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+
+
+def test_forward_outside_no_grad_compiles_with_aot():
+    """A plain model(...) call with grad enabled: cpcompile runs it as inference (no backward traced)."""
+
+    model = tiny_model("llama")
+    want = model(input_ids=torch.arange(3, 11).reshape(2, 4)).logits
+    parallelize(model, max_length=16, lowering="aot_eager")
+    got = model(input_ids=torch.arange(3, 11).reshape(2, 4)).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert not got.requires_grad
