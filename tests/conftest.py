@@ -20,3 +20,22 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+# Session-wide gloo worlds: `world2` and `world4` start their ranks on first use and are shared by
+# every test of the session (tests/distributed, tests/testing); a world costs seconds to start, a
+# test's `run` milliseconds. Functions passed to `world.run` must be module-level (pickled by reference).
+@pytest.fixture(scope="session")
+def world2():
+    from cpcompile.testing import World
+
+    with World(2) as world:
+        yield world
+
+
+@pytest.fixture(scope="session")
+def world4():
+    from cpcompile.testing import World
+
+    with World(4) as world:
+        yield world
