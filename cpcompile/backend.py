@@ -24,7 +24,14 @@ _graph_ids = itertools.count()
 class Backend:
     """A backend instance with its settings; keeps the pass report of every graph it compiled."""
 
-    def __init__(self, options: Options | dict | None = None, parallel: Parallel | None = None):
+    def __init__(
+        self,
+        options: Options | dict | None = None,
+        parallel: Parallel | None = None,
+        names: Callable[[], dict[int, str]] | None = None,
+    ):
+        """`names()`: the model's parameter names by tensor identity, read at every compile
+        (`find_projections.param_names`); parallelize passes it, the backend string has none."""
         self.options = options if isinstance(options, Options) else Options.from_dict(options)
         o = self.options
         if o.tp * o.cp * o.dp != 1 and parallel is None:
@@ -34,10 +41,11 @@ class Backend:
                 "for a parallel model (the backend alone rewrites single-device graphs)."
             )
         self.parallel = parallel
+        self.names = names
         self.reports: list[PassReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **_) -> Callable:
-        self.reports.append(run_passes(gm, self.options, next(_graph_ids), self.parallel))
+        self.reports.append(run_passes(gm, self.options, next(_graph_ids), self.parallel, self.names() if self.names else None))
         return lower(gm, example_inputs, self.options.lowering)
 
 

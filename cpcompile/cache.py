@@ -143,6 +143,15 @@ class KVCacheLayer(CacheLayerMixin):
             self.slot_pos.fill_(-1)
         self.cumulative_length.zero_()
 
+    def rewind(self, n: int) -> None:
+        """Forget the last `n` tokens written (the padding of a prefill chunk): their slots hold
+        position -1 again, so attention never reads them, and the next write lands there."""
+        if n <= 0:
+            return
+        self.cumulative_length.sub_(n)
+        if self.is_initialized:
+            self.slot_pos.masked_fill_(self.slot_pos >= self.cumulative_length, -1)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
             self.keys.copy_(self.keys.index_select(0, beam_idx.to(self.device)))
@@ -182,6 +191,13 @@ class KVCache(Cache):
     def max_length(self) -> int:
         return self.layout.max_length
 
+    @property
+    def is_compileable(self) -> bool:
+        """False on purpose, though the buffers are static: `generate()` then passes the 2D padding
+        mask, which the serving engine cuts into prefill chunks, instead of building 4D masks
+        outside the graph (what it does for a compileable cache)."""
+        return False
+
     def allocate(self, model: torch.nn.Module, batch_size: int) -> "KVCache":
         """Allocate every layer's buffers for `batch_size` rows of `model` (see `kv_shapes`)."""
         return self.allocate_shapes(kv_shapes(model), batch_size, next(model.parameters()).device)
@@ -197,6 +213,11 @@ class KVCache(Cache):
                     torch.empty(batch_size, h, 0, dv, dtype=dtype, device=device),
                 )
         return self
+
+    def rewind(self, n: int) -> None:
+        """Forget the last `n` tokens of every layer (see `KVCacheLayer.rewind`)."""
+        for layer in self.layers:
+            layer.rewind(n)
 
     def kv_bytes(self) -> int:
         """Bytes of K/V this rank holds (allocated buffers, sink slot included)."""
@@ -217,8 +238,10 @@ def kv_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, torch.dtype]]
     """
     from transformers import DynamicCache
 
+    from cpcompile._hf import cache_arg
+
     device = next(model.parameters()).device
     with torch.no_grad():
         probe = DynamicCache(config=model.config)
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), past_key_values=probe, use_cache=True)
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), **{cache_arg(model): probe}, use_cache=True)
     return [(l.keys.shape[1], l.keys.shape[-1], l.values.shape[-1], l.keys.dtype) for l in probe.layers]

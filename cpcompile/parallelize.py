@@ -3,11 +3,12 @@
 What it does to `model` (nothing else is edited):
   * captures the forward once to learn attention sites and projection roles, and validates
     the mesh against them (a bad mesh fails here, listing the valid ones);
-  * replaces `model.forward` (an instance attribute; the class is untouched) by a thin
-    wrapper around `torch.compile(forward, backend=cpcompile)` that gives the model
-    cpcompile's static `KVCache` in place of the empty cache `generate()` creates, pads the
-    2D attention mask to the cache's static length (so decode steps never recompile), and
-    refuses a step that would run past `max_length` before anything is written.
+  * replaces `model.forward` (an instance attribute; the class is untouched) by the serving
+    engine (`cpcompile/serving.py`) around `torch.compile(forward, backend=cpcompile)`: it gives
+    the model cpcompile's static `KVCache` in place of the empty cache `generate()` creates,
+    runs batches in buckets and prompts in fixed-size chunks so that any request stream uses a
+    bounded set of graphs (`serving.graph_bound`), and refuses a step that would run past
+    `max_length` before anything is written.
   * turns off HF's own auto-compilation in `generate()` (it would wrap the wrapper in a second,
     non-cpcompile compile).
   * on more than one rank: checks the ranks that must see the same inputs do (all ranks, or a
@@ -23,23 +24,26 @@ from __future__ import annotations
 import functools
 import inspect
 from typing import TYPE_CHECKING
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers import Cache, DynamicCache
 
+from cpcompile._hf import cache_arg, forward_parameters
 from cpcompile.backend import Backend
 from cpcompile.cache import KVCache, kv_shapes
-from cpcompile.data_parallel import REPLICA_LAYOUT, agree_on_settings, exchange_layout, split_rows, take_rows
+from cpcompile.data_parallel import REPLICA_LAYOUT, agree_on_settings
 from cpcompile.options import Options
 from cpcompile.passes import Analysis, analyze
+from cpcompile.passes.find_projections import param_names
+from cpcompile.serving import Engine, check_serving, graph_bound
 
 if TYPE_CHECKING:
     from cpcompile.distributed import Groups, RankInfo
     from cpcompile.passes import Parallel
 
 DEFAULT_MAX_LENGTH = 2048
+DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_MAX_BATCH = 16
 
 
 @dataclass
@@ -51,19 +55,39 @@ class ParallelState:
     analysis: Analysis
     backend: Backend
     kv_shapes: list  # per layer (Hkv, Dk, Dv, dtype), see cpcompile.cache.kv_shapes
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    max_batch: int = DEFAULT_MAX_BATCH
     rank: "RankInfo | None" = None
     parallel: "Parallel | None" = None
     groups: "Groups | None" = None
-    caches: "weakref.WeakKeyDictionary[Cache, KVCache]" = field(default_factory=weakref.WeakKeyDictionary)
-    seen: "weakref.WeakKeyDictionary[KVCache, int]" = field(default_factory=weakref.WeakKeyDictionary)
+    engine: "Engine | None" = None
+
+    @property
+    def graph_bound(self) -> int:
+        """The most graphs this model compiles, whatever the request stream (`serving.graph_bound`)."""
+        return graph_bound(self.max_batch, self.prefill_chunk)
+
+    @property
+    def graphs(self) -> int:
+        """Graphs compiled so far (Dynamo hands each to the backend once)."""
+        return len(self.backend.reports)
+
+    def check_inputs(self, ref: torch.Tensor) -> None:
+        """The ranks that must see the same inputs do: all ranks, or a replica's with dp_inputs='local'."""
+        o = self.options
+        if o.dp == 1 or o.dp_inputs == "global":
+            _check_same_inputs(ref, None)
+        elif o.tp * o.cp > 1:
+            _check_same_inputs(ref, self.groups.handles["replica"])
 
 
 def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prompt_length: int = 4) -> Analysis:
     """Trace `model`'s forward once (a short prompt into a fresh cpcompile cache) and analyse it."""
+    names = param_names(model)
     holder: list[Analysis] = []
 
     def analysing_backend(gm, example_inputs, **_):
-        holder.append(analyze(gm, options))
+        holder.append(analyze(gm, options, names))
         return gm.forward  # never run: we stop at the first graph
 
     cache = KVCache(_num_layers(model), max_length).allocate(model, 1)
@@ -72,7 +96,7 @@ def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prom
     try:
         with torch.no_grad():
             try:
-                fn(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+                fn(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_arg(model): cache}, use_cache=True)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 # our own analysis refused the model (MeshError / AttentionError): raise that, unwrapped
                 raise e.inner_exception from None
@@ -95,6 +119,8 @@ def parallelize(
     dp_inputs: str = "global",
     kv_interleave: int = 1,
     max_length: int = DEFAULT_MAX_LENGTH,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    max_batch: int = DEFAULT_MAX_BATCH,
     lowering: str = "inductor",
     debug_dir: str | None = None,
 ) -> torch.nn.Module:
@@ -104,7 +130,10 @@ def parallelize(
     'world_tp'; section 3); `dp_inputs` says whether every rank passes the same batch ('global':
     rows are split over the dp replicas and every rank gets the whole batch back) or each
     replica its own requests ('local'). `max_length` is the most tokens (prompt + generated)
-    one sequence may reach; the KV cache is preallocated for it.
+    one sequence may reach; the KV cache is preallocated for it (plus `prefill_chunk - 1` slots
+    for the padding of a last chunk). Prompts run in chunks of at most `prefill_chunk` tokens and
+    batches in buckets of up to `max_batch` rows (per replica), so any request stream compiles at
+    most `serving.graph_bound(max_batch, prefill_chunk)` graphs (docs/serving.md).
     """
     if getattr(model, "_cpcompile", None) is not None:
         raise ValueError("parallelize: this model is already parallelized by cpcompile")
@@ -114,14 +143,16 @@ def parallelize(
     )  # validates; debug_dir falls back to env CPCOMPILE_DEBUG_DIR
     if max_length < 1:
         raise ValueError(f"parallelize: max_length={max_length}; expected a positive number of tokens")
+    check_serving(prefill_chunk, max_batch)
     model.eval()
     analysis = capture(model, options)  # validates the mesh; raises MeshError / AttentionError
     shapes = kv_shapes(model)
     parallel, groups = None, None
     if dp * tp * cp > 1:
         parallel, groups = _shard_model(model, analysis, options)
-    backend = Backend(options, parallel)
-    state = ParallelState(options, max_length, analysis, backend, shapes, groups.info if groups else None, parallel, groups)
+    backend = Backend(options, parallel, names=lambda: param_names(model))
+    state = ParallelState(options, max_length, analysis, backend, shapes, prefill_chunk, max_batch,
+                          groups.info if groups else None, parallel, groups)
     model_forward = model.forward
 
     def step(*args, replica_layout=None, **kwargs):
@@ -131,50 +162,24 @@ def parallelize(
         return model_forward(*args, **kwargs)
 
     compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+    params = forward_parameters(model)
     signature = inspect.signature(model_forward)
+    state.engine = Engine(state, compiled, set(params), cache_arg(model), _device(model), _num_layers(model))
 
     @functools.wraps(model_forward)
     def forward(*args, **kwargs):
         kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
         kwargs.update(kwargs.pop("kwargs", {}))
-        layout = None
-        if state.rank is not None:
-            kwargs, layout = _replica_inputs(state, kwargs)
-        kwargs = _with_cpcompile_cache(model, state, kwargs)
         with torch.no_grad():  # inference only: the rewritten ops have no backward (AOT would trace one)
-            return compiled(replica_layout=layout, **kwargs)
+            return state.engine(kwargs)
 
+    model._cpcompile_forward = model_forward
     model.forward = forward
     if state.rank is not None:
         model.generate = _lockstep_generate(model, state, model.generate)
     model._cpcompile = state
     model.generation_config.disable_compile = True
     return model
-
-
-def _replica_inputs(state: ParallelState, kwargs: dict) -> tuple[dict, tuple | None]:
-    """Check that the ranks that must see the same inputs do, and (dp > 1) cut this replica's rows.
-    Returns the kwargs to run and the replica layout the graph needs (None when it needs none)."""
-    o, info, groups = state.options, state.rank, state.groups
-    ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    if ref is None:
-        raise ValueError("cpcompile: the forward needs input_ids or inputs_embeds")
-    if o.dp == 1 or o.dp_inputs == "global":
-        _check_same_inputs(ref, None)  # every rank: the same batch
-    elif o.tp * o.cp > 1:
-        _check_same_inputs(ref, groups.handles["replica"])  # local mode: the same requests within a replica
-    if o.dp == 1:
-        return kwargs, None
-    batch, length = ref.shape[0], ref.shape[1]
-    if o.dp_inputs == "global":
-        rows = split_rows(batch, o.dp)
-        start = sum(rows[: info.dp_rank])
-        kwargs = take_rows(kwargs, batch, start, start + rows[info.dp_rank])
-        return kwargs, (tuple(rows), tuple(r * length for r in rows))
-    if o.ffn == "world_tp":  # the FFN gathers every replica's tokens: all must know the counts
-        rows, tokens = exchange_layout(batch, batch * length, groups.handles["dp"])
-        return kwargs, (tuple(rows), tuple(tokens))
-    return kwargs, None
 
 
 def _lockstep_generate(model, state: ParallelState, generate):
@@ -193,60 +198,6 @@ def _lockstep_generate(model, state: ParallelState, generate):
     return lockstep
 
 
-def _with_cpcompile_cache(model, state: ParallelState, kwargs: dict) -> dict:
-    ids = kwargs.get("input_ids")
-    embeds = kwargs.get("inputs_embeds")
-    ref = ids if ids is not None else embeds
-    batch, new_tokens = ref.shape[0], ref.shape[1]
-    use_cache = kwargs.get("use_cache")
-    if use_cache is None:
-        use_cache = getattr(model.config, "use_cache", True)
-    past = kwargs.get("past_key_values")
-    if past is None and not use_cache:
-        past = DynamicCache(config=model.config)  # an uncached forward: a fresh cache, dropped after
-    if past is None or (isinstance(past, DynamicCache) and past.get_seq_length() == 0):
-        cache = state.caches.get(past) if past is not None else None
-        if cache is None:
-            r = state.rank
-            cache = KVCache(
-                _num_layers(model),
-                state.max_length,
-                cp=state.options.cp,
-                cp_rank=r.cp_rank if r else 0,
-                kv_interleave=state.options.kv_interleave,
-                tp=state.options.tp,
-                tp_rank=r.tp_rank if r else 0,
-            )
-            cache.allocate_shapes(state.kv_shapes, batch, _device(model))
-            if past is not None:
-                state.caches[past] = cache
-            state.seen[cache] = 0
-        past = cache
-    if not isinstance(past, KVCache):
-        raise TypeError(
-            f"cpcompile: past_key_values is a {type(past).__name__} holding {past.get_seq_length()} tokens; a model "
-            "compiled by cpcompile keeps its KV in cpcompile.KVCache. Pass none (generate() makes one) or the "
-            "cache a previous call returned."
-        )
-    if past.layers[0].batch_size != batch:
-        raise ValueError(f"cpcompile: the KV cache was allocated for batch {past.layers[0].batch_size}, this call has {batch} rows")
-    seen = state.seen.get(past, 0)
-    if seen + new_tokens > state.max_length:
-        raise ValueError(
-            f"cpcompile: this step would take the sequence to {seen + new_tokens} tokens, past max_length="
-            f"{state.max_length} the KV cache was allocated for. Nothing was written. Pass a larger "
-            "max_length to cpcompile.parallelize (or generate fewer tokens)."
-        )
-    state.seen[past] = seen + new_tokens
-    kwargs["past_key_values"] = past
-    kwargs["use_cache"] = True
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] < state.max_length:
-        # Static shape: positions past the sequence are causally invisible anyway.
-        kwargs["attention_mask"] = torch.nn.functional.pad(mask, (0, state.max_length - mask.shape[1]))
-    return kwargs
-
-
 def _shard_model(model, analysis: Analysis, options: Options):
     """Decide this rank's weight shards, keep its local copies, and replace the model's full
     parameters for them by zero-storage stand-ins of the full shape (Dynamo then traces the
@@ -262,6 +213,11 @@ def _shard_model(model, analysis: Analysis, options: Options):
     params = dict(model.named_parameters())
     local = {}
     for name, shard in shards.items():
+        if name not in params:
+            raise ValueError(
+                f"cpcompile: the plan shards the linear weight {name}, which is not a parameter of the model (it is "
+                "computed in the forward); cpcompile can shard only the model's own weights. Run with tp = cp = 1."
+            )
         bias_name = name[: -len("weight")] + "bias" if name.endswith("weight") else None
         bias = params.get(bias_name) if bias_name else None
         local[name] = local_tensors(shard, params[name].detach(), bias.detach() if bias is not None else None)

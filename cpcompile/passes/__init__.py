@@ -52,9 +52,11 @@ class PassReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def analyze(gm: fx.GraphModule, options: Options) -> Analysis:
+def analyze(gm: fx.GraphModule, options: Options, names: dict[int, str] | None = None) -> Analysis:
+    """`names`: the model's parameters by identity (`find_projections.param_names`); None only
+    for a bare single-device function (names are then for display)."""
     sites = find_attention_sites(gm)
-    roles = find_projections(gm, sites)
+    roles = find_projections(gm, sites, names)
     placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn))
     return Analysis(sites, roles, placements, _notes(gm, sites, roles))
 
@@ -122,10 +124,14 @@ def _collective_nodes(gm: fx.GraphModule) -> dict[str, list]:
     }
 
 
-def run_passes(gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel: Parallel | None = None) -> PassReport:
+def run_passes(
+    gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel: Parallel | None = None, names: dict[int, str] | None = None
+) -> PassReport:
+    if parallel is not None and names is None:
+        raise ValueError("cpcompile: a sharded graph needs the model's parameter names (by identity); use parallelize")
     dump = _Dumper(options.debug_dir, graph_id)
     dump(gm, "0-input")
-    analysis = analyze(gm, options)
+    analysis = analyze(gm, options, names)
     counts = {
         "attention_sites": len(analysis.sites),
         "sdpa_before": op_count(gm, "sdpa"),
@@ -161,14 +167,11 @@ def ffn_tokens(gm: fx.GraphModule, analysis: Analysis) -> list[int]:
     """Tokens each layer's FFN processes on this rank per run of the graph (padding included):
     the rows of down/fc2's input. The duplicated-work counter: `ceil(T/cp)` under ffn='sp'."""
     from cpcompile.passes._fx import shape
-    from cpcompile.passes.find_projections import param_name
-
     down = {p.weight for p in analysis.roles.projections if p.role in ("down", "fc2")}
     out = []
     for n in gm.graph.nodes:
         if is_op(n, "linear"):
-            name = n.meta.get("cpcompile_weight") or (param_name(n.args[1]) if isinstance(n.args[1], fx.Node) else None)
-            if name in down:
+            if n.meta.get("cpcompile_weight") in down:
                 s = shape(n.args[0])
                 out.append(int(torch.Size(s[:-1]).numel()))
     return out

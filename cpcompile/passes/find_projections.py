@@ -15,13 +15,17 @@ Cases handled:
     experts, DeepSeek-V3) is `ffn_other` and stays replicated.
   * lm_head: the last linear, reaching the graph output with no linear after it.
 
-Reads the graph only. Parameter names come from Dynamo's sources
-(`L['self']._modules['model']..._parameters['weight']` -> `model.layers.0...weight`).
+Reads the graph, and tags every linear with the name of its weight (`meta["cpcompile_weight"]`),
+which the later passes read. Names come from **tensor identity**: the parameter object behind a
+weight's placeholder (`meta["grapharg"].example`) looked up in `param_names(model)`. Dynamo's
+source strings are never parsed: they change whenever transformers wraps its forwards
+(`args.0.model.layers.0...` under a decorator since 5.24). Without a name table (the plain
+backend on a bare function) the placeholder's own name stands in, for display only.
 """
 
 from __future__ import annotations
 
-import re
+import itertools
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -64,30 +68,36 @@ def _first_linears_forward(node: fx.Node) -> set[fx.Node]:
     return {n for n in descendants([node], _is_linear) if _is_linear(n)}
 
 
-def param_name(node: fx.Node) -> str:
-    """`model.layers.0.self_attn.q_proj.weight` for a parameter placeholder (or get_attr).
+def param_names(model) -> dict[int, str]:
+    """Every parameter and buffer of `model`, keyed by tensor identity (tied weights: the first name)."""
+    names: dict[int, str] = {}
+    for name, t in itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), name)
+    return names
 
-    Dtype casts of the weight (DeepSeek-V3's router runs in fp32) are looked through.
-    """
+
+def weight_tensor(node: fx.Node):
+    """The real tensor behind a weight node (a graph input or attribute), dtype casts looked through
+    (DeepSeek-V3's router runs in fp32); None if the node is computed."""
     while node.op in ("call_method", "call_function") and (is_op(node, "to") or node.target == "type") and node.all_input_nodes:
         node = node.all_input_nodes[0]
     if node.op == "get_attr":
-        return str(node.target)
+        t = node.graph.owning_module
+        for part in str(node.target).split("."):
+            t = getattr(t, part, None)
+        return t
     ga = node.meta.get("grapharg")
-    if ga is None:  # Dynamo's placeholder name spells the path: l_self_modules_a_modules_b_parameters_weight_
-        name = re.sub(r"^[lL]_self_", "", node.name).rstrip("_")
-        for sep in ("_modules_", "_parameters_", "_buffers_"):
-            name = name.replace(sep, ".")
-        return re.sub(r"^(modules|parameters|buffers)_", "", name)
-    src = ga.source.name
-    src = src() if callable(src) else src
-    parts = re.findall(r"\['([^']+)'\]|\.(\w+)\b|\[(\d+)\]", src)
-    names = [a or b or c for a, b, c in parts]
-    bound = [i for i, n in enumerate(names) if n in ("self", "__self__")]
-    if bound:  # a bound forward (`model.forward`, or a function closing over it): the path starts at the model
-        names = names[bound[-1] + 1 :]
-    names = [n for n in names if n not in ("self", "_modules", "_parameters", "_buffers", "L")]
-    return ".".join(names) if names else node.name
+    return ga.example if ga is not None else None
+
+
+def param_name(node: fx.Node, names: dict[int, str] | None) -> str:
+    """The parameter name of a weight node, by identity (see the module docstring)."""
+    if names is not None:
+        t = weight_tensor(node)
+        if t is not None and id(t) in names:
+            return names[id(t)]
+        return f"<not a parameter: {node.name}>"  # parallelize refuses to shard such a weight
+    return str(node.target) if node.op == "get_attr" else node.name
 
 
 def _new_kv(site: AttentionSite) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -100,7 +110,7 @@ def _new_kv(site: AttentionSite) -> tuple[list[fx.Node], list[fx.Node]]:
     return writes(keys_buf), writes(values_buf)
 
 
-def find_projections(gm: fx.GraphModule, sites: list[AttentionSite]) -> Roles:
+def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict[int, str] | None = None) -> Roles:
     linears = [n for n in gm.graph.nodes if _is_linear(n)]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     role: dict[fx.Node, tuple[str, int]] = {}
@@ -161,16 +171,10 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite]) -> Roles:
         b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
         wv = w.meta.get("example_value", w.meta.get("val")) if isinstance(w, fx.Node) else None
         out_f, in_f = (tuple(wv.shape) + (0, 0))[:2] if wv is not None else (0, 0)
+        weight = param_name(w, names) if isinstance(w, fx.Node) else str(w)
+        lin.meta["cpcompile_weight"] = weight  # what shard_linears / split_tokens read
         projections.append(
-            Projection(
-                lin,
-                r,
-                layer,
-                param_name(w) if isinstance(w, fx.Node) else str(w),
-                param_name(b) if isinstance(b, fx.Node) else None,
-                int(out_f),
-                int(in_f),
-            )
+            Projection(lin, r, layer, weight, param_name(b, names) if isinstance(b, fx.Node) else None, int(out_f), int(in_f))
         )
     return Roles(projections)
 

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import fx
 
 from cpcompile.passes._fx import insert_call, is_op, shape
-from cpcompile.passes.find_projections import param_name
 from cpcompile.passes.shard_weights import WeightShard
 
 _c10d = torch.ops._c10d_functional
@@ -68,11 +67,12 @@ def shard_linears(
     """Returns counts: column / row linears rewritten, all-reduces inserted."""
     g = gm.graph
     counts = {"column": 0, "row": 0, "all_reduce": 0}
+    done = set()
     for lin in [n for n in g.nodes if is_op(n, "linear")]:
-        w = lin.args[1]
-        if not isinstance(w, fx.Node) or param_name(w) not in shards:
-            continue
-        name = param_name(w)
+        name = lin.meta.get("cpcompile_weight")  # set by find_projections, by tensor identity
+        if name not in shards:
+            continue  # replicated by the plan
+        done.add(name)
         shard = shards[name]
         w_loc, b_loc = local[name]
         x = lin.args[0]
@@ -108,6 +108,13 @@ def shard_linears(
         lin.replace_all_uses_with(y)
         g.erase_node(lin)
         counts[shard.kind] += 1
+    missing = sorted(set(shards) - done)
+    if missing:  # never a silent skip: the rank holds only the shard, so an unrewritten use would be wrong
+        raise ValueError(
+            f"cpcompile: the plan shards {len(missing)} weight(s) that this graph does not use through a linear it "
+            f"recognised: {missing[:4]}{' ...' if len(missing) > 4 else ''}. The graph differs from the one captured "
+            "at parallelize; please report this model."
+        )
     g.lint()
     gm.recompile()
     return counts

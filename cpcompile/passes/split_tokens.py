@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from torch import fx
 
 from cpcompile.passes._fx import insert_call, is_op, shape, val
-from cpcompile.passes.find_projections import param_name
 
 _c10d = torch.ops._c10d_functional
 
@@ -370,8 +369,7 @@ class _Splitter:
     def _role(self, n: fx.Node) -> str | None:
         if not is_op(n, "linear"):
             return None
-        name = n.meta.get("cpcompile_weight") or (param_name(n.args[1]) if isinstance(n.args[1], fx.Node) else None)
-        return self.roles.get(name)
+        return self.roles.get(n.meta.get("cpcompile_weight"))
 
     def _row_chains(self) -> set[fx.Node]:
         """The all-reduce chains (all_reduce, wait [, + bias]) after each row partial sum: replaced

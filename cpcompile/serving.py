@@ -1,0 +1,306 @@
+"""Compile once: how a parallelized model serves any request stream with a bounded set of graphs.
+
+`parallelize` compiles the forward with `dynamic=False` (static shapes: CUDA-graph friendly,
+no guards that multiply), so every distinct input shape is a graph. Left alone, each new
+prompt length and batch size would be one more graph, and Dynamo's recompile limit ends the
+process after eight. The engine here sits between `generate()` (or any caller of the
+forward) and the compiled graph and maps every call onto a fixed set of shapes:
+
+  * **Batch buckets.** `B` rows run as `bucket(B)` rows, the next of `1, 2, 4, ..., max_batch`
+    (per dp replica); the extra rows repeat the last real row and their outputs are dropped.
+    A request never needs a mask value cpcompile invents for the dummy rows.
+  * **Chunked prefill.** A call with `L > 1` new tokens runs as chunks: `L // C` chunks of
+    `C = prefill_chunk` tokens, then one chunk of the smallest size in `16, 32, ..., C` that
+    holds the rest. A chunk with `r` real tokens is right-padded to its size; after it ran, the
+    cache is rewound by the padding (`KVCache.rewind`: the padded slots get position -1 again
+    and the length goes back), so the next call writes where the padding was. Causality hides
+    the padding from every real token in the chunk, and the rewind hides it from later ones:
+    logits equal the unchunked model's. Prefill activations are bounded by `C` tokens.
+  * **Decode** (`L = 1`) is one graph per bucket.
+
+Graphs per model (`graph_bound`): `buckets x input kinds x (1 + chunk sizes x logit modes)`,
+where input kinds are input_ids / inputs_embeds and logit modes are 'last token only'
+(`generate()`: `logits_to_keep=1`) / 'all tokens'. `generate()` with `input_ids` uses
+`buckets x (1 + chunk sizes)` of them. The engine tracks the shape keys it has run; the
+backend counts the graphs it compiled; a graph beyond the keys is an error, never a silent
+recompile (and never an eager fallback: un-rewritten attention over a sharded cache is wrong).
+
+Attention DP: in global mode the rows are split as `split_rows` says and every replica pads
+its share to the bucket of the largest; in local mode each replica buckets its own rows, and
+under `ffn='world_tp'` (where replicas exchange tokens every step) the replicas first agree on
+the largest rows and prompt length, so all take the same chunks: a replica with a shorter
+prompt runs chunks of padding only, each rewound.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers import Cache
+
+from cpcompile._hf import pop_cache
+from cpcompile.data_parallel import exchange_layout, split_rows
+
+MIN_CHUNK = 16
+LOGIT_MODES = ("last", "all")
+INPUT_KINDS = ("input_ids", "inputs_embeds")
+# Per-token arguments cut into chunks along their last dim (inputs_embeds: dim 1), padded by
+# repeating the last value: padded tokens are rewound, so their values only need to be valid.
+TOKEN_ARGS = ("input_ids", "position_ids", "token_type_ids")
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """`1, 2, 4, ...` below `max_batch`, then `max_batch` itself."""
+    return [1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch] + [max_batch]
+
+
+def chunk_sizes(prefill_chunk: int) -> list[int]:
+    """`16, 32, ...` below `prefill_chunk`, then `prefill_chunk` itself."""
+    return [MIN_CHUNK << k for k in range(prefill_chunk.bit_length()) if MIN_CHUNK << k < prefill_chunk] + [prefill_chunk]
+
+
+def chunk_plan(length: int, prefill_chunk: int) -> list[int]:
+    """The chunk sizes a call of `length > 1` new tokens runs as."""
+    full, rest = divmod(length, prefill_chunk)
+    return [prefill_chunk] * full + ([next(c for c in chunk_sizes(prefill_chunk) if c >= rest)] if rest else [])
+
+
+def graph_bound(max_batch: int, prefill_chunk: int) -> int:
+    """The most graphs a parallelized model compiles, whatever the request stream (module docstring)."""
+    return len(batch_buckets(max_batch)) * len(INPUT_KINDS) * (1 + len(chunk_sizes(prefill_chunk)) * len(LOGIT_MODES))
+
+
+def generate_graph_bound(max_batch: int, prefill_chunk: int) -> int:
+    """The most graphs `generate()` with input_ids compiles (last-token logits only)."""
+    return len(batch_buckets(max_batch)) * (1 + len(chunk_sizes(prefill_chunk)))
+
+
+def bucket(rows: int, max_batch: int, what: str) -> int:
+    if rows > max_batch:
+        raise ValueError(
+            f"cpcompile: {what} has {rows} rows, more than max_batch={max_batch} the model was parallelized for. "
+            f"Pass fewer rows per call or a larger max_batch to cpcompile.parallelize (batch buckets: "
+            f"{batch_buckets(max_batch)})."
+        )
+    return next(b for b in batch_buckets(max_batch) if b >= rows)
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """[B, ...] -> [rows, ...], the extra rows repeating the last one (dummy rows of a bucket)."""
+    if x.shape[0] == rows:
+        return x
+    idx = torch.arange(rows, device=x.device).clamp(max=x.shape[0] - 1)
+    return x.index_select(0, idx)
+
+
+def pad_tokens(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Right-pad dim `dim` of `x` to `size`, repeating its last entry (zeros if it has none)."""
+    n = x.shape[dim]
+    if n == size:
+        return x
+    if n == 0:
+        return x.new_zeros(x.shape[:dim] + (size,) + x.shape[dim + 1 :])
+    idx = torch.arange(size, device=x.device).clamp(max=n - 1)
+    return x.index_select(dim, idx)
+
+
+@dataclass
+class Session:
+    """One batch of sequences: its KV cache and what the engine knows about it."""
+
+    kv: object  # cpcompile.KVCache with `rows` rows
+    rows: int  # rows the graph runs (this replica's, bucketed)
+    batch: int  # rows the caller passes
+    seen: int = 0  # tokens written per row (padding is rewound, so the caller's count)
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Which of the caller's rows this rank runs for one forward, and how the graph sees them."""
+
+    rows: int  # rows of this rank's graph (bucketed)
+    take: tuple[int, int]  # [start, stop) of the caller's rows this replica runs
+    out_rows: tuple[int, ...]  # the caller's rows in the graph's output rows, in order
+    replicas: tuple[int, ...] | None  # rows of every replica (the graph's layout marker), or None
+    length: int  # tokens to plan chunks for (the longest replica's under local world_tp)
+
+
+class Engine:
+    """The parallelized model's forward: maps any call onto the bounded set of graph shapes."""
+
+    def __init__(self, state, compiled, params: set[str], cache_name: str, device: torch.device, num_layers: int):
+        self.state, self.compiled = state, compiled
+        self.params, self.cache_name, self.device, self.num_layers = params, cache_name, device, num_layers
+        self.sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # caller's cache or KVCache -> Session
+        self.keys: set[tuple] = set()  # shape keys run so far (one graph each)
+
+    # ---- the forward ----------------------------------------------------------------------
+    def __call__(self, kwargs: dict):
+        st, o = self.state, self.state.options
+        for k in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(k):
+                raise ValueError(f"cpcompile: {k}=True is not supported (attention is rewritten and prefill is chunked)")
+        past = pop_cache(kwargs)
+        kind = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
+        ref = kwargs.pop(kind, None)
+        kwargs.pop("inputs_embeds" if kind == "input_ids" else "input_ids", None)
+        if ref is None:
+            raise ValueError("cpcompile: the forward needs input_ids or inputs_embeds")
+        batch, length = ref.shape[0], ref.shape[1]
+        mask = kwargs.pop("attention_mask", None)
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise ValueError(
+                f"cpcompile: attention_mask must be a 2D [batch, tokens] padding mask (got "
+                f"{type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else list(mask.shape)}); cpcompile builds "
+                "the causal masks itself"
+            )
+        keep = kwargs.pop("logits_to_keep", 0)
+        if isinstance(keep, torch.Tensor):
+            raise ValueError("cpcompile: logits_to_keep must be an int (the last n tokens' logits; 0 = all)")
+        extra = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and k not in TOKEN_ARGS}
+        if extra:
+            raise ValueError(f"cpcompile: unsupported tensor argument(s) {sorted(extra)}; the forward takes {TOKEN_ARGS}, "
+                             "inputs_embeds and a 2D attention_mask")
+        if st.rank is not None:
+            st.check_inputs(ref)
+        lay = self._row_layout(batch, length)
+        session = self._session(past, lay, batch)
+        if session.seen + length > st.max_length:
+            raise ValueError(
+                f"cpcompile: this step would take the sequence to {session.seen + length} tokens, past max_length="
+                f"{st.max_length} the KV cache was allocated for. Nothing was written. Pass a larger max_length to "
+                "cpcompile.parallelize (or generate fewer tokens)."
+            )
+        seen, rows = session.seen, lay.rows
+        take = lambda x: pad_rows(x[lay.take[0] : lay.take[1]] if x.shape[0] == batch else x.expand(batch, *x.shape[1:])[lay.take[0] : lay.take[1]], rows)
+        x = take(ref)
+        if mask is None:
+            mask = torch.ones(batch, seen + length, dtype=torch.long, device=ref.device)
+        if mask.shape[1] != seen + length:
+            raise ValueError(f"cpcompile: attention_mask has {mask.shape[1]} columns; expected {seen + length} (the "
+                             f"{seen} tokens in the cache + the {length} new ones)")
+        mask = take(mask)
+        tokens = {k: take(v) for k, v in kwargs.items() if k in TOKEN_ARGS and isinstance(v, torch.Tensor)}
+        if "position_ids" in self.params and "position_ids" not in tokens:  # as HF: cache position (explicit, so padding stays in range)
+            tokens["position_ids"] = torch.arange(seen, seen + length, device=ref.device).expand(rows, length)
+        decode = lay.length == 1
+        mode = "last" if decode or keep == 1 else "all"
+        capacity = session.kv.max_length
+        parts, last = [], None
+        start = 0
+        for size in [1] if decode else chunk_plan(lay.length, st.prefill_chunk):
+            real = max(0, min(size, length - start))
+            ck = {k: v for k, v in kwargs.items() if k not in TOKEN_ARGS}
+            ck[kind] = pad_tokens(x[:, start : start + real], size, 1)
+            for k, v in tokens.items():
+                ck[k] = pad_tokens(v[..., start : start + real], size, v.dim() - 1)
+            m = torch.zeros(rows, capacity, dtype=mask.dtype, device=mask.device)
+            m[:, : seen + start + real] = mask[:, : seen + start + real]
+            ck["attention_mask"] = m
+            if "logits_to_keep" in self.params:
+                if decode:
+                    ck["logits_to_keep"] = 1
+                elif mode == "last":
+                    ck["logits_to_keep"] = torch.tensor([max(real, 1) - 1], device=ref.device)
+                else:
+                    ck["logits_to_keep"] = 0
+            ck = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in ck.items()}  # strides are guarded too
+            ck[self.cache_name] = session.kv
+            ck["use_cache"] = True
+            layout = None
+            if lay.replicas is not None:
+                layout = (lay.replicas, tuple(r * size for r in lay.replicas))
+            out = self._run(ck, layout, (rows, size, mode, kind, layout))
+            logits = out["logits"]
+            if mode == "all":
+                parts.append(logits[:, :real] if logits.shape[1] == size else logits)
+            elif real:
+                last = logits
+            if size > real:
+                session.kv.rewind(size - real)
+            start += real
+        session.seen += length
+        logits = torch.cat(parts, dim=1) if mode == "all" else last
+        if mode == "all" and keep > 0:
+            logits = logits[:, -keep:]
+        logits = logits.index_select(0, torch.tensor(lay.out_rows, device=logits.device))
+        out["logits"] = logits
+        for name in ("cache", "past_key_values"):
+            if name in out:
+                out[name] = session.kv
+        return out
+
+    def _run(self, kwargs: dict, layout, key: tuple):
+        backend = self.state.backend
+        before, known = len(backend.reports), key in self.keys
+        self.keys.add(key)
+        bound = self.state.graph_bound
+        with torch._dynamo.config.patch(recompile_limit=bound, accumulated_recompile_limit=max(bound, 256)):
+            out = self.compiled(replica_layout=layout, **kwargs)
+        if len(backend.reports) > before and known:
+            raise RuntimeError(
+                f"cpcompile: Dynamo compiled a second graph for the shape {key}; the engine's graph bound relies on one "
+                "graph per shape. Please report this model (TORCH_LOGS=recompiles shows the guard that failed)."
+            )
+        return out
+
+    # ---- rows and sessions ------------------------------------------------------------------
+    def _row_layout(self, batch: int, length: int) -> RowLayout:
+        st, o = self.state, self.state.options
+        if o.dp == 1 or (o.dp_inputs == "local" and o.ffn != "world_tp"):
+            rows = bucket(batch, st.max_batch, "the batch")
+            return RowLayout(rows, (0, batch), tuple(range(batch)), None, length)
+        if o.dp_inputs == "global":
+            shares = split_rows(batch, o.dp)
+            rows = bucket(max(shares), st.max_batch, "a replica's share of the batch")
+            d = st.rank.dp_rank
+            start = sum(shares[:d])
+            out_rows = tuple(r * rows + i for r, n in enumerate(shares) for i in range(n))
+            return RowLayout(rows, (start, start + shares[d]), out_rows, (rows,) * o.dp, length)
+        # local requests, FFN over every replica's tokens: agree on rows and chunks first
+        every_rows, every_len = exchange_layout(batch, length, st.groups.handles["dp"])
+        rows = bucket(max(every_rows), st.max_batch, "a replica's batch")
+        return RowLayout(rows, (0, batch), tuple(range(batch)), (rows,) * o.dp, max(every_len))
+
+    def _session(self, past, lay: RowLayout, batch: int) -> Session:
+        from cpcompile.cache import KVCache
+
+        st = self.state
+        if past is not None and past in self.sessions:
+            s = self.sessions[past]
+            if s.batch != batch:
+                raise ValueError(f"cpcompile: the KV cache holds {s.batch} rows, this call has {batch}")
+            if s.rows != lay.rows:
+                raise ValueError(f"cpcompile: the KV cache was allocated for {s.rows} rows per replica, this call needs {lay.rows}")
+            return s
+        if past is not None and not (isinstance(past, Cache) and not isinstance(past, KVCache) and past.get_seq_length() == 0):
+            raise TypeError(
+                f"cpcompile: the cache passed is a {type(past).__name__} holding {past.get_seq_length()} tokens that this "
+                "model did not create; a model compiled by cpcompile keeps its KV in its own cpcompile.KVCache. Pass none "
+                "(generate() makes one) or the cache a previous call returned."
+            )
+        r = st.rank
+        kv = KVCache(
+            self.num_layers,
+            st.max_length + st.prefill_chunk - 1,  # room for the padding of a last chunk (rewound after it)
+            cp=st.options.cp,
+            cp_rank=r.cp_rank if r else 0,
+            kv_interleave=st.options.kv_interleave,
+            tp=st.options.tp,
+            tp_rank=r.tp_rank if r else 0,
+        ).allocate_shapes(st.kv_shapes, lay.rows, self.device)
+        s = Session(kv, lay.rows, batch)
+        self.sessions[kv] = s
+        if past is not None:
+            self.sessions[past] = s
+        return s
+
+
+def check_serving(prefill_chunk: int, max_batch: int) -> None:
+    """parallelize's serving settings, validated up front."""
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise ValueError(f"parallelize: prefill_chunk={prefill_chunk!r}; expected a positive number of tokens (default 256)")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"parallelize: max_batch={max_batch!r}; expected a positive number of rows (default 16)")
