@@ -85,6 +85,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from cpcompile._hf import output_cache, cache_arg
 
 from _machine import cpu_model
 
@@ -266,13 +267,13 @@ def bench_rank(a: dict, tp: int, cp: int, ctx: int) -> dict:
     reports = model._cpcompile.backend.reports
 
     def step(ids, cache, i):
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, **{cache_arg(model): cache}, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         nxt = logits.argmax(-1, keepdim=True)
         top2 = logits.topk(2, dim=-1).values
         gaps.append((top2[:, 0] - top2[:, 1]).min().item())
         tokens.append(nxt)
-        return nxt, out.past_key_values
+        return nxt, output_cache(out)
 
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -292,11 +293,11 @@ def bench_rank(a: dict, tp: int, cp: int, ctx: int) -> dict:
             if dist.is_initialized():
                 dist.barrier()  # every rank starts the step together (not timed)
             t1 = time.perf_counter()
-            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=nxt, attention_mask=mask, **{cache_arg(model): cache}, use_cache=True, logits_to_keep=1)
             logits = out.logits[:, -1]
             nxt = logits.argmax(-1, keepdim=True)
             times.append(time.perf_counter() - t1)
-            cache = out.past_key_values
+            cache = output_cache(out)
             top2 = logits.topk(2, dim=-1).values
             gaps.append((top2[:, 0] - top2[:, 1]).min().item())
             tokens.append(nxt)
@@ -412,12 +413,12 @@ class _Run:
             self.i += 1
         t0 = time.perf_counter()
         out = self.model(input_ids=ids, attention_mask=self.mask if self.cache is not None else self.mask[:, : self.ctx],
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         **{cache_arg(self.model): self.cache}, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         nxt = logits.argmax(-1, keepdim=True)
         if timed:
             self.times.append(time.perf_counter() - t0)
-        self.cache, self.nxt = out.past_key_values, nxt
+        self.cache, self.nxt = output_cache(out), nxt
         top2 = logits.topk(2, dim=-1).values
         self.gaps.append((top2[:, 0] - top2[:, 1]).min().item())
         self.tokens.append(nxt)

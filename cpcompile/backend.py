@@ -17,6 +17,7 @@ from torch import fx
 
 from cpcompile.options import Options
 from cpcompile.passes import Parallel, PassReport, run_passes
+from cpcompile.passes.find_projections import input_names
 
 _graph_ids = itertools.count()
 
@@ -28,9 +29,9 @@ class Backend:
         self,
         options: Options | dict | None = None,
         parallel: Parallel | None = None,
-        names: Callable[[], dict[int, str]] | None = None,
+        params: Callable[[], dict[int, str]] | None = None,
     ):
-        """`names()`: the model's parameter names by tensor identity, read at every compile
+        """`params()`: the model's parameter names by tensor identity, read at every compile
         (`find_projections.param_names`); parallelize passes it, the backend string has none."""
         self.options = options if isinstance(options, Options) else Options.from_dict(options)
         o = self.options
@@ -41,11 +42,12 @@ class Backend:
                 "for a parallel model (the backend alone rewrites single-device graphs)."
             )
         self.parallel = parallel
-        self.names = names
+        self.params = params
         self.reports: list[PassReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **_) -> Callable:
-        self.reports.append(run_passes(gm, self.options, next(_graph_ids), self.parallel, self.names() if self.names else None))
+        names = input_names(gm, example_inputs, self.params()) if self.params else None
+        self.reports.append(run_passes(gm, self.options, next(_graph_ids), self.parallel, names))
         return lower(gm, example_inputs, self.options.lowering)
 
 

@@ -36,6 +36,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+from cpcompile._hf import output_cache
 
 TINY_SEED = 0
 
@@ -191,7 +192,7 @@ def _generate_on_rank(spec: GenerateSpec, rank: int) -> int:
             "prompt_len": ids.shape[1],
             "tokens": out.sequences.tolist(),
             "weight": _weight_bytes(model),
-            "kv": out.past_key_values.kv_bytes(),
+            "kv": output_cache(out).kv_bytes(),
             "one_device": one_device,
             "ffn_tokens": decode.get("ffn_tokens"),
             "collectives": decode.get("collectives"),

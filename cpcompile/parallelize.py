@@ -34,7 +34,7 @@ from cpcompile.cache import KVCache, kv_shapes
 from cpcompile.data_parallel import REPLICA_LAYOUT, agree_on_settings
 from cpcompile.options import Options
 from cpcompile.passes import Analysis, analyze
-from cpcompile.passes.find_projections import param_names
+from cpcompile.passes.find_projections import input_names, param_names
 from cpcompile.serving import Engine, check_serving, graph_bound
 
 if TYPE_CHECKING:
@@ -83,11 +83,11 @@ class ParallelState:
 
 def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prompt_length: int = 4) -> Analysis:
     """Trace `model`'s forward once (a short prompt into a fresh cpcompile cache) and analyse it."""
-    names = param_names(model)
+    params = param_names(model)
     holder: list[Analysis] = []
 
     def analysing_backend(gm, example_inputs, **_):
-        holder.append(analyze(gm, options, names))
+        holder.append(analyze(gm, options, input_names(gm, example_inputs, params)))
         return gm.forward  # never run: we stop at the first graph
 
     cache = KVCache(_num_layers(model), max_length).allocate(model, 1)
@@ -150,7 +150,7 @@ def parallelize(
     parallel, groups = None, None
     if dp * tp * cp > 1:
         parallel, groups = _shard_model(model, analysis, options)
-    backend = Backend(options, parallel, names=lambda: param_names(model))
+    backend = Backend(options, parallel, params=lambda: param_names(model))
     state = ParallelState(options, max_length, analysis, backend, shapes, prefill_chunk, max_batch,
                           groups.info if groups else None, parallel, groups)
     model_forward = model.forward

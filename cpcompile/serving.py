@@ -138,7 +138,7 @@ class Engine:
 
     # ---- the forward ----------------------------------------------------------------------
     def __call__(self, kwargs: dict):
-        st, o = self.state, self.state.options
+        st = self.state
         for k in ("output_attentions", "output_hidden_states"):
             if kwargs.get(k):
                 raise ValueError(f"cpcompile: {k}=True is not supported (attention is rewritten and prefill is chunked)")
@@ -178,10 +178,10 @@ class Engine:
         x = take(ref)
         if mask is None:
             mask = torch.ones(batch, seen + length, dtype=torch.long, device=ref.device)
-        if mask.shape[1] != seen + length:
+        if mask.shape[1] < seen + length:
             raise ValueError(f"cpcompile: attention_mask has {mask.shape[1]} columns; expected {seen + length} (the "
                              f"{seen} tokens in the cache + the {length} new ones)")
-        mask = take(mask)
+        mask = take(mask[:, : seen + length])  # a mask padded further (to max_length) is cut: causality hides the rest
         tokens = {k: take(v) for k, v in kwargs.items() if k in TOKEN_ARGS and isinstance(v, torch.Tensor)}
         if "position_ids" in self.params and "position_ids" not in tokens:  # as HF: cache position (explicit, so padding stays in range)
             tokens["position_ids"] = torch.arange(seen, seen + length, device=ref.device).expand(rows, length)

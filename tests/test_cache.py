@@ -1,5 +1,6 @@
 import pytest
 import torch
+from cpcompile._hf import cache_arg
 
 from cpcompile import KVCache
 from cpcompile.cache import CacheLayout
@@ -27,7 +28,7 @@ def test_reading_the_cache_outside_cpcompile_is_an_error():
     cache = KVCache(2, 16).allocate(model, 1)
     with pytest.raises(RuntimeError, match="did not rewrite"):
         with torch.no_grad():
-            model(torch.ones(1, 3, dtype=torch.long), past_key_values=cache, use_cache=True)
+            model(torch.ones(1, 3, dtype=torch.long), **{cache_arg(model): cache}, use_cache=True)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -52,9 +52,9 @@ class PassReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def analyze(gm: fx.GraphModule, options: Options, names: dict[int, str] | None = None) -> Analysis:
-    """`names`: the model's parameters by identity (`find_projections.param_names`); None only
-    for a bare single-device function (names are then for display)."""
+def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | None = None) -> Analysis:
+    """`names`: the graph's weight inputs -> parameter names (`find_projections.input_names`);
+    None only for a bare single-device function (names are then for display)."""
     sites = find_attention_sites(gm)
     roles = find_projections(gm, sites, names)
     placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn))
@@ -125,7 +125,7 @@ def _collective_nodes(gm: fx.GraphModule) -> dict[str, list]:
 
 
 def run_passes(
-    gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel: Parallel | None = None, names: dict[int, str] | None = None
+    gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel: Parallel | None = None, names: dict[fx.Node, str] | None = None
 ) -> PassReport:
     if parallel is not None and names is None:
         raise ValueError("cpcompile: a sharded graph needs the model's parameter names (by identity); use parallelize")

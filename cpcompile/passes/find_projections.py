@@ -17,7 +17,8 @@ Cases handled:
 
 Reads the graph, and tags every linear with the name of its weight (`meta["cpcompile_weight"]`),
 which the later passes read. Names come from **tensor identity**: the parameter object behind a
-weight's placeholder (`meta["grapharg"].example`) looked up in `param_names(model)`. Dynamo's
+weight's placeholder (the real tensor Dynamo passes the backend for it) looked up in
+`param_names(model)` (`input_names`). Dynamo's
 source strings are never parsed: they change whenever transformers wraps its forwards
 (`args.0.model.layers.0...` under a decorator since 5.24). Without a name table (the plain
 backend on a bare function) the placeholder's own name stands in, for display only.
@@ -76,28 +77,23 @@ def param_names(model) -> dict[int, str]:
     return names
 
 
-def weight_tensor(node: fx.Node):
-    """The real tensor behind a weight node (a graph input or attribute), dtype casts looked through
-    (DeepSeek-V3's router runs in fp32); None if the node is computed."""
+def input_names(gm: fx.GraphModule, example_inputs: list, params: dict[int, str]) -> dict[fx.Node, str]:
+    """The graph's inputs that are model weights -> their names, by identity: Dynamo hands the backend
+    the real tensors as `example_inputs`, one per placeholder, in order."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n: params[id(t)] for n, t in zip(placeholders, example_inputs) if id(t) in params}
+
+
+def param_name(node: fx.Node, names: dict[fx.Node, str] | None) -> str:
+    """The parameter name of a weight node (dtype casts looked through: DeepSeek-V3's router runs
+    in fp32), from `input_names` (see the module docstring)."""
     while node.op in ("call_method", "call_function") and (is_op(node, "to") or node.target == "type") and node.all_input_nodes:
         node = node.all_input_nodes[0]
     if node.op == "get_attr":
-        t = node.graph.owning_module
-        for part in str(node.target).split("."):
-            t = getattr(t, part, None)
-        return t
-    ga = node.meta.get("grapharg")
-    return ga.example if ga is not None else None
-
-
-def param_name(node: fx.Node, names: dict[int, str] | None) -> str:
-    """The parameter name of a weight node, by identity (see the module docstring)."""
+        return str(node.target)
     if names is not None:
-        t = weight_tensor(node)
-        if t is not None and id(t) in names:
-            return names[id(t)]
-        return f"<not a parameter: {node.name}>"  # parallelize refuses to shard such a weight
-    return str(node.target) if node.op == "get_attr" else node.name
+        return names.get(node, f"<not a parameter: {node.name}>")  # parallelize refuses to shard such a weight
+    return node.name
 
 
 def _new_kv(site: AttentionSite) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -110,7 +106,7 @@ def _new_kv(site: AttentionSite) -> tuple[list[fx.Node], list[fx.Node]]:
     return writes(keys_buf), writes(values_buf)
 
 
-def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict[int, str] | None = None) -> Roles:
+def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict[fx.Node, str] | None = None) -> Roles:
     linears = [n for n in gm.graph.nodes if _is_linear(n)]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     role: dict[fx.Node, tuple[str, int]] = {}

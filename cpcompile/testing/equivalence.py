@@ -50,6 +50,7 @@ import pickle
 from dataclasses import dataclass, field
 
 import torch
+from cpcompile._hf import output_cache, cache_arg
 
 # Tolerances, per dtype, for logits of O(10) (cpcompile.tiny's init; real checkpoints are
 # similar). The parallel run sums in another order (all-reduce over the replica, LSE merge
@@ -137,7 +138,7 @@ def _drive(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, forced: tor
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as HF generate: padding gets position 0
     all_logits, tokens = [], []
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_arg(model): cache}, use_cache=True)
         for t in range(steps):
             logits = out.logits[:, -1].float()  # [B, V]
             all_logits.append(logits.cpu())
@@ -148,7 +149,7 @@ def _drive(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, forced: tor
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos[:, -1:] + 1
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                        past_key_values=out.past_key_values, use_cache=True)
+                        **{cache_arg(model): output_cache(out)}, use_cache=True)
     return torch.stack(all_logits), torch.stack(tokens)
 
 

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from cpcompile._hf import output_cache
 
 from cpcompile.testing import WorldError
 from test_parallelize import MAX_LENGTH, _generate, _prompts, check_equivalent
@@ -42,12 +43,12 @@ def run_dp(arch, dp, tp, cp, ffn, dp_inputs, batch, prompt_len, new_tokens, comb
     parallelize(model, dp=dp, tp=tp, cp=cp, ffn=ffn, dp_inputs=dp_inputs, combine=combine, max_length=MAX_LENGTH, lowering=lowering)
     got = _generate(model, ids, mask, new_tokens)
     reports = model._cpcompile.backend.reports
-    layer = got.past_key_values.layers[0]
+    layer = output_cache(got).layers[0]
     return dict(
         sequences=got.sequences, logits=torch.stack(got.logits),
         ref_sequences=want.sequences, ref_logits=torch.stack(want.logits),
         dp_rank=dp_rank, rows=rows, prompt_len=prompt_len, cache_rows=layer.batch_size,
-        kv_bytes=got.past_key_values.kv_bytes(),
+        kv_bytes=output_cache(got).kv_bytes(),
         kv_single_rows=KVCache(model.config.num_hidden_layers, MAX_LENGTH).allocate(ref, rows).kv_bytes(),
         kv_heads=(layer.num_heads, layer.global_heads),
         weight_fraction=weight_bytes(model) / weight_bytes(ref),

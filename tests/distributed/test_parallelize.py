@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from cpcompile._hf import output_cache
 
 from cpcompile.testing import WorldError
 
@@ -55,8 +56,8 @@ def run_parallel(arch, tp, cp, combine, kv_interleave, batch, prompt_len, new_to
     return dict(
         sequences=got.sequences, logits=torch.stack(got.logits),
         ref_sequences=want.sequences, ref_logits=torch.stack(want.logits),
-        kv_bytes=got.past_key_values.kv_bytes(), kv_single=kv_single,
-        kv_heads=(got.past_key_values.layers[0].num_heads, got.past_key_values.layers[0].global_heads),
+        kv_bytes=output_cache(got).kv_bytes(), kv_single=kv_single,
+        kv_heads=(output_cache(got).layers[0].num_heads, output_cache(got).layers[0].global_heads),
         weight_fraction=weight_bytes(model) / full_weights,
         graphs=len(reports), decode_collectives=reports[-1].counts["collectives"],
         layers=model.config.num_hidden_layers,

@@ -3,7 +3,7 @@ import pytest
 from cpcompile.passes.find_attention import find_attention_sites
 from cpcompile.passes.find_projections import find_projections
 
-from tests.passes._graphs import hf_graph
+from tests.passes._graphs import hf_graph, weight_names
 
 # Roles per layer, in graph order; read off the dataflow, never the names (the names
 # below are only how the test checks the answer).
@@ -20,7 +20,7 @@ EXPECTED = {
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
 def test_roles_by_dataflow(arch):
     model, gm = hf_graph(arch)
-    roles = find_projections(gm, find_attention_sites(gm))
+    roles = find_projections(gm, find_attention_sites(gm), weight_names(model, gm))
     params = dict(model.named_parameters())
     for p in roles.projections:
         assert p.weight in params, p.weight  # names map back to real parameters
@@ -35,8 +35,8 @@ def test_roles_by_dataflow(arch):
 
 
 def test_deepseek_moe_layer_is_left_replicated():
-    _, gm = hf_graph("deepseek_v3")
-    roles = find_projections(gm, find_attention_sites(gm))
+    model, gm = hf_graph("deepseek_v3")
+    roles = find_projections(gm, find_attention_sites(gm), weight_names(model, gm))
     moe = [p for p in roles.by_layer(1) if p.role == "ffn_other"]
     assert {p.weight.split(".mlp.")[1] for p in moe} == {
         "gate.weight",
@@ -46,3 +46,32 @@ def test_deepseek_moe_layer_is_left_replicated():
     }
     dense = {p.role for p in roles.by_layer(0)}
     assert {"gate", "up", "down"} <= dense
+
+
+def test_names_by_identity_not_by_dynamo_source():
+    """Dynamo's source names change when transformers wraps a forward (5.24: `args.0.model...`);
+    names come from the tensor objects, so a wrapper around the forward changes nothing."""
+    import functools
+
+    import torch
+
+    from cpcompile._hf import cache_arg
+    from cpcompile.cache import KVCache
+    from cpcompile.tiny import tiny_model
+    from tests.passes._graphs import capture_graph
+
+    model = tiny_model("llama")
+
+    @functools.wraps(model.forward)
+    def wrapped(*args, **kwargs):  # the shape of HF's @deprecate_kwarg wrapper
+        return model.forward(*args, **kwargs)
+
+    cache = KVCache(model.config.num_hidden_layers, 16).allocate(model, 1)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    gm = capture_graph(wrapped, ids, attention_mask=torch.ones(1, 16, dtype=torch.long), **{cache_arg(model): cache}, use_cache=True)
+    roles = find_projections(gm, find_attention_sites(gm), weight_names(model, gm))
+    params = dict(model.named_parameters())
+    assert len(roles.projections) == 15
+    assert all(p.weight in params for p in roles.projections)
+    assert all(p.node.meta["cpcompile_weight"] == p.weight for p in roles.projections)
+    assert {p.weight for p in roles.projections if p.role == "o"} == {f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)}

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from cpcompile._hf import cache_arg
 import torch.nn.functional as F
 
 from cpcompile.backend import Backend
@@ -48,14 +49,14 @@ def test_prefill_and_decode_match_hf(arch, lowering):
     mask[0, :2] = 0  # left padding in row 0
     ref_cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        got = fwd(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-        want = ref(input_ids=ids, attention_mask=mask[:, :6], past_key_values=ref_cache, use_cache=True).logits
+        got = fwd(input_ids=ids, attention_mask=mask, **{cache_arg(model): cache}, use_cache=True).logits
+        want = ref(input_ids=ids, attention_mask=mask[:, :6], **{cache_arg(model): ref_cache}, use_cache=True).logits
         torch.testing.assert_close(got[1], want[1], atol=FP32_ATOL, rtol=0)
         torch.testing.assert_close(got[0, 2:], want[0, 2:], atol=FP32_ATOL, rtol=0)  # pad rows are don't-care
         for step in range(3):
             nxt = torch.randint(3, 250, (2, 1), generator=g)
-            got = fwd(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-            want = ref(input_ids=nxt, attention_mask=mask[:, : 7 + step], past_key_values=ref_cache, use_cache=True).logits
+            got = fwd(input_ids=nxt, attention_mask=mask, **{cache_arg(model): cache}, use_cache=True).logits
+            want = ref(input_ids=nxt, attention_mask=mask[:, : 7 + step], **{cache_arg(model): ref_cache}, use_cache=True).logits
             torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=0)
     assert len(backend.reports) == 2  # prefill graph + one decode graph for all decode steps
 

@@ -14,7 +14,7 @@ from cpcompile.passes.shard_linears import shard_linears
 from cpcompile.passes.shard_weights import local_tensors, shard_weights
 from cpcompile.passes.split_tokens import TokenSplit, TokenSplitError, split_tokens
 from cpcompile.data_parallel import REPLICA_LAYOUT
-from tests.passes._graphs import hf_graph
+from tests.passes._graphs import hf_graph, weight_names
 
 NAMES = {g: f"group_{g}" for g in ("cp", "tp", "replica", "dp", "world")}
 
@@ -22,7 +22,7 @@ NAMES = {g: f"group_{g}" for g in ("cp", "tp", "replica", "dp", "world")}
 def _rewritten(model, gm, dp, tp, cp, ffn, rank=0):
     """Run passes 1-5 as `run_passes` does for this rank; returns the analysis."""
     options = Options(tp=tp, cp=cp, dp=dp, ffn=ffn)
-    analysis = analyze(gm, options)
+    analysis = analyze(gm, options, weight_names(model, gm))
     info = RankInfo(tp, cp, dp, rank)
     shards = shard_weights(analysis, info, options.combine, ffn)
     params = dict(model.named_parameters())
