@@ -49,6 +49,7 @@ if "--warm-cache" not in sys.argv and __name__ == "__main__":
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_decode_inductor_")
 
 import torch
+from cpcompile._hf import output_cache, cache_arg
 
 from _machine import cpu_model
 
@@ -71,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--only", default="", help="comma list of contenders to run (hf-eager,torch.compile,cpcompile)")
     p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk compile caches (default: a fresh empty cache dir, so 'compile s' is a cold compile)")
     p.add_argument("--json", metavar="PATH", default="", help="write the numbers here")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model, caches and inputs live")
     return p.parse_args(argv)
 
 
@@ -89,7 +91,7 @@ def build_model(a):
     )
     torch.manual_seed(a.seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    return model.eval()
+    return model.to(a.device).eval()
 
 
 class Contender:
@@ -113,12 +115,12 @@ class Contender:
         cfg = self.model.config
         cache = StaticCache(config=cfg, max_cache_len=self.a.max_length)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        cache.early_initialization(self.a.batch, cfg.num_key_value_heads, head_dim, torch.float32, torch.device("cpu"))
+        cache.early_initialization(self.a.batch, cfg.num_key_value_heads, head_dim, torch.float32, torch.device(self.a.device))
         return cache
 
     def forward(self, ids, mask, cache):
-        out = self.fn(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.past_key_values
+        out = self.fn(input_ids=ids, attention_mask=mask, **{cache_arg(self.model): cache}, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], output_cache(out)
 
 
 def graphs_compiled() -> int:
@@ -145,6 +147,9 @@ def main(argv=None) -> int:
           f"kv_heads={a.kv_heads} vocab={a.vocab} fp32 | batch={a.batch} prompt={a.prompt} max_length={a.max_length} "
           f"| {a.reps} reps x ({a.warmup} warmup + {a.steps} timed) decode steps, interleaved")
     print(f"inductor cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default (warm)')}")
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)  # time the GPU work, not the launch
+    if a.device == "cuda":
+        print(f"--device cuda: model, caches and inputs on {torch.cuda.get_device_name()} (timings below say CPU)")
 
     base = build_model(a)
     cp_model = copy.deepcopy(base)
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
         prompt = torch.randint(0, a.vocab, (B, P), generator=g)
         mask = torch.zeros(B, L, dtype=torch.long)
         mask[:, :P] = 1
-        return prompt, mask
+        return prompt.to(a.device), mask.to(a.device)
 
     # Compile: first prefill + first decode of each contender, on a throwaway cache.
     with torch.no_grad():
@@ -185,6 +190,7 @@ def main(argv=None) -> int:
             m[:, P] = 1
             logits, cache = c.forward(nxt, m, cache)
             logits.argmax(-1)
+            sync()
             c.compile_s = time.perf_counter() - t0
             print(f"  compiled {c.name:<14} {c.compile_s:7.1f} s", flush=True)
 
@@ -205,6 +211,7 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     logits, c.cache = c.forward(nxt[c.name], mask, c.cache)
                     tok = logits.argmax(-1, keepdim=True)
+                    sync()
                     dt = time.perf_counter() - t0
                     nxt[c.name] = tok
                     if i >= a.warmup:
@@ -262,7 +269,7 @@ def main(argv=None) -> int:
 
     if a.json:
         out = {
-            "device": "CPU",
+            "device": "CPU" if a.device == "cpu" else torch.cuda.get_device_name(),
             "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),

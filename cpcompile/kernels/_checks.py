@@ -23,7 +23,7 @@ def _fail(op: str, msg: str) -> None:
     raise ValueError(f"{op}: {msg}")
 
 
-def check_attention_args(q, k, v, pos_q, pos_kv, scale, softcap, window, mask) -> None:
+def check_attention_args(q, k, v, pos_q, pos_kv, scale, softcap, window, mask, filled=None) -> None:
     op = "attention_with_lse"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -58,9 +58,18 @@ def check_attention_args(q, k, v, pos_q, pos_kv, scale, softcap, window, mask) -
         if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
             _fail(op, f"mask has dtype {mask.dtype}; expected bool (True = visible) "
                       f"or a floating dtype (additive bias)")
+    if filled is not None:
+        if filled.dim() != 1 or filled.shape[0] != B:
+            _fail(op, f"filled has shape {_shape(filled)}; expected filled [B={B}] "
+                      f"(the number of filled KV slots of each row)")
+        if not _is_int(filled.dtype):
+            _fail(op, f"filled has dtype {filled.dtype}; expected an integer dtype "
+                      f"(int32 or int64: slots s >= filled[b] of row b are empty)")
     named = [("k", k), ("v", v), ("pos_q", pos_q), ("pos_kv", pos_kv)]
     if mask is not None:
         named.append(("mask", mask))
+    if filled is not None:  # a device tensor, not a host int: CUDA graphs replay it, no sync
+        named.append(("filled", filled))
     for name, t in named:
         if t.device != q.device:
             _fail(op, f"{name} is on {t.device} but q is on {q.device}; expected one device")

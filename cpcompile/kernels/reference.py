@@ -9,8 +9,18 @@ from __future__ import annotations
 import torch
 
 
-def attention_with_lse_ref(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None):
-    """q [B, Hq, Lq, Dk], k [B, Hkv, S, Dk], v [B, Hkv, S, Dv] -> o [B, Hq, Lq, Dv], lse [B, Hq, Lq] (float64)."""
+def attention_with_lse_ref(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None, filled=None):
+    """q [B, Hq, Lq, Dk], k [B, Hkv, S, Dk], v [B, Hkv, S, Dv] -> o [B, Hq, Lq, Dv], lse [B, Hq, Lq] (float64).
+
+    ``filled`` [B] int or None: slots ``s >= filled[b]`` (clamped to [0, S]) of row ``b`` are
+    empty -- invisible, and their contents (even NaN) never reach the result.
+    """
+    S = k.shape[2]
+    live = torch.ones(k.shape[0], S, dtype=torch.bool, device=k.device)  # [B, S]
+    if filled is not None:
+        live = torch.arange(S, device=k.device)[None, :] < filled.clamp(0, S)[:, None]
+        k = k.masked_fill(~live[:, None, :, None], 0.0)  # never read: 0 * NaN would leak into q.k, p.v
+        v = v.masked_fill(~live[:, None, :, None], 0.0)
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, dim=1)  # [B, Hq, S, Dk]
     v = v.double().repeat_interleave(group, dim=1)  # [B, Hq, S, Dv]
@@ -18,7 +28,7 @@ def attention_with_lse_ref(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0,
     if softcap > 0:
         logits = softcap * torch.tanh(logits / softcap)
     pq, pk = pos_q[:, :, None], pos_kv[:, None, :]  # [B, Lq, 1], [B, 1, S]
-    visible = (pk >= 0) & (pk <= pq)  # [B, Lq, S]
+    visible = (pk >= 0) & (pk <= pq) & live[:, None, :]  # [B, Lq, S]
     if window > 0:
         visible = visible & (pq - pk < window)
     if mask is not None and mask.dtype == torch.bool:

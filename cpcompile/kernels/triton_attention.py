@@ -115,6 +115,7 @@ def attention_split_kernel(
     pos_q_ptr,  # [B, Lq] int: global position of each query
     pos_kv_ptr,  # [B, S] int: global position of each slot, < 0 = empty slot
     mask_ptr,  # [B, Lq, S] uint8 (MASK_KIND 1, nonzero = visible) / float bias (MASK_KIND 2) / unused (0)
+    filled_ptr,  # [B] int: slots >= filled[b] of row b are empty and never read (HAS_FILLED), else unused
     o_ptr,  # [splits, B, Hq, Lq, Dv] fp32 per-split acc (WRITE_STATE), or the final o [B, Hq, Lq, Dv]
     lse_ptr,  # [splits, B, Hq, Lq] fp32 per-split max m (WRITE_STATE), or the final lse (natural log)
     l_ptr,  # [splits, B, Hq, Lq] fp32 per-split sum l (WRITE_STATE; same strides as lse_ptr), else unused
@@ -124,17 +125,19 @@ def attention_split_kernel(
     stride_pqb, stride_pqt,
     stride_pkb, stride_pks,
     stride_mb, stride_mt, stride_ms,
+    stride_fb,
     stride_osplit, stride_ob, stride_oh, stride_ot, stride_od,
     stride_lsplit, stride_lb, stride_lh, stride_lt,
     Hkv, Lq, S, Dk, Dv,
     G,  # query heads per KV head (Hq // Hkv)
     scale, softcap, window,  # window 0 = none; softcap used only if SOFTCAP
-    blocks_per_split,  # KV blocks of BLOCK_N slots per split
+    blocks_per_split,  # KV blocks of BLOCK_N slots per split (of all S slots; unused if HAS_FILLED)
     BLOCK_M: tl.constexpr,  # query rows per program (row = g * Lq + t), pow2 >= 16
     BLOCK_N: tl.constexpr,  # KV slots per block
     BLOCK_DK: tl.constexpr,  # Dk padded to pow2 >= 16
     BLOCK_DV: tl.constexpr,  # Dv padded to pow2 >= 16
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool, 2 additive
+    HAS_FILLED: tl.constexpr,  # filled_ptr is given: only the first filled[b] slots are live
     SOFTCAP: tl.constexpr,  # softcap > 0
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else ignored
     UPCAST: tl.constexpr,  # interpreter-only bf16 workaround, see mma()
@@ -144,6 +147,13 @@ def attention_split_kernel(
 
     Each K/V block is loaded once and used by all G query heads of the group (GQA without
     repeat_kv) and all query tokens: the G*Lq (head, token) pairs are the M dimension.
+
+    With HAS_FILLED the grid is still the one sized for S (no host sync on filled, so CUDA
+    graphs replay it), but the KV range is only the live prefix [0, filled[b]): its blocks
+    are spread evenly over the splits, so a short context still keeps every split busy.
+    A split that starts past the prefix runs no iteration and writes the empty state
+    (m = -inf, l = 0, acc = 0), which the split merge weighs 0; with one split that is
+    o = 0, lse = -inf, as for any row with nothing visible.
     """
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -169,8 +179,16 @@ def attention_split_kernel(
 
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
     v_base = v_ptr + b * stride_vb + hkv * stride_vh
-    n_start = split * blocks_per_split * BLOCK_N
-    n_end = tl.minimum(n_start + blocks_per_split * BLOCK_N, S)
+    if HAS_FILLED:
+        n_live = tl.load(filled_ptr + b * stride_fb).to(tl.int64)
+        n_live = tl.minimum(tl.maximum(n_live, 0), S)  # clamped to [0, S]
+        live_blocks = (n_live + BLOCK_N - 1) // BLOCK_N
+        split_blocks = (live_blocks + tl.num_programs(1) - 1) // tl.num_programs(1)
+    else:
+        n_live = S
+        split_blocks = blocks_per_split
+    n_start = split * split_blocks * BLOCK_N
+    n_end = tl.minimum(n_start + split_blocks * BLOCK_N, n_live)  # past the end: no iteration
     for start in range(n_start, n_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # [N]
         col_ok = cols < n_end

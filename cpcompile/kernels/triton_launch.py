@@ -60,14 +60,17 @@ def choose_num_splits(num_blocks: int, programs_per_split: int, sms: int) -> int
     return max(1, min(want, most, MAX_SPLITS))
 
 
-def attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None,
+def attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None, filled=None,
                        *, num_splits=None, block_n=None, block_m=None):
     """Triton attention-with-LSE; same contract as ``torch.ops.cpcompile.attention_with_lse``.
 
     ``num_splits``/``block_n``/``block_m`` override the heuristics (tests use them to force
     several splits and M tiles on small shapes).
+
+    ``filled`` never changes the grid: splits are sized for all S slots and the kernel reads
+    ``filled[b]`` on the device to cut each program's KV range (no host sync; graph-safe).
     """
-    check_attention_args(q, k, v, pos_q, pos_kv, scale, softcap, window, mask)
+    check_attention_args(q, k, v, pos_q, pos_kv, scale, softcap, window, mask, filled)
     _require_triton("attention_with_lse")
     B, Hq, Lq, Dk = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -103,14 +106,15 @@ def attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mas
         mask_kind = 1 if mask.dtype == torch.bool else 2
         m_arg = mask.view(torch.uint8) if mask_kind == 1 else mask
         m_strides = m_arg.stride()
+    f_arg, f_stride = (pos_kv, 0) if filled is None else (filled, filled.stride(0))
     grid = (B * Hkv, splits, m_tiles)
     _tk.attention_split_kernel[grid](
-        q, k, v, pos_q, pos_kv, m_arg, o_part, lse_part, l_part,
+        q, k, v, pos_q, pos_kv, m_arg, f_arg, o_part, lse_part, l_part,
         *q.stride(), *k.stride(), *v.stride(), *pos_q.stride(), *pos_kv.stride(), *m_strides,
-        *o_part.stride(), *lse_part.stride(),
+        f_stride, *o_part.stride(), *lse_part.stride(),
         Hkv, Lq, S, Dk, Dv, G, float(scale), float(softcap), int(window), blocks_per_split,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
-        MASK_KIND=mask_kind, SOFTCAP=softcap > 0,
+        MASK_KIND=mask_kind, HAS_FILLED=filled is not None, SOFTCAP=softcap > 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         WRITE_STATE=splits > 1,

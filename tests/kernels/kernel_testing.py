@@ -66,9 +66,11 @@ class Case:
     softcap: float = 0.0
     window: int = 0
     mask: torch.Tensor | None = None
+    filled: torch.Tensor | None = None  # [B] int: slots >= filled[b] of row b are empty
 
     def args(self):
-        return (self.q, self.k, self.v, self.pos_q, self.pos_kv, self.scale, self.softcap, self.window, self.mask)
+        return (self.q, self.k, self.v, self.pos_q, self.pos_kv, self.scale, self.softcap, self.window, self.mask,
+                self.filled)
 
 
 def make_case(

@@ -12,7 +12,7 @@ import cpcompile  # noqa: F401  (registers the ops)
 from cpcompile.kernels import triton_launch
 from cpcompile.kernels.attention import attention_with_lse_torch
 from cpcompile.kernels.reference import attention_with_lse_ref
-from kernel_testing import DEVICE, TOL, assert_attention_close, assert_close, make_case
+from kernel_testing import DEVICE, LSE_TOL, TOL, Case, assert_attention_close, assert_close, make_case
 
 # "torch": the pure-torch path; "triton": the launcher with its own heuristics (the real
 # kernels on CUDA, the interpreter on CPU); "triton_tiled": forced small blocks, 3 KV
@@ -140,6 +140,14 @@ def _good():
         (lambda c: setattr(c, "mask", c.mask.int()), "mask has dtype torch.int32; expected bool"),
         (lambda c: setattr(c, "softcap", -1.0), "softcap=-1.0; expected softcap >= 0"),
         (lambda c: setattr(c, "window", -2), "window=-2; expected window >= 0"),
+        (lambda c: setattr(c, "filled", torch.tensor([3], device=DEVICE)),
+         "filled has shape (1,); expected filled [B=2]"),
+        (lambda c: setattr(c, "filled", torch.full((2, 1), 3, device=DEVICE)),
+         "filled has shape (2, 1); expected filled [B=2]"),
+        (lambda c: setattr(c, "filled", torch.full((2,), 3.0, device=DEVICE)),
+         "filled has dtype torch.float32; expected an integer dtype"),
+        (lambda c: setattr(c, "filled", torch.ones(2, dtype=torch.bool, device=DEVICE)),
+         "filled has dtype torch.bool; expected an integer dtype"),
     ],
 )
 def test_bad_inputs_raise_valueerror(mutate, needle):
@@ -159,6 +167,10 @@ def test_mixed_devices_raise_valueerror():
     c.pos_kv = c.pos_kv.to("meta")
     with pytest.raises(ValueError, match="pos_kv is on meta but q is on"):
         torch.ops.cpcompile.attention_with_lse(*c.args())
+    c = _good()
+    c.filled = torch.full((2,), 4, device="meta")
+    with pytest.raises(ValueError, match="filled is on meta but q is on"):
+        torch.ops.cpcompile.attention_with_lse(*c.args())
 
 
 # --- tracing ----------------------------------------------------------------------
@@ -166,6 +178,11 @@ def test_mixed_devices_raise_valueerror():
 
 def test_fake_tensor_shapes():
     c = make_case(B=2, Hkv=2, G=3, Lq=5, S=11, Dk=24, Dv=40, dtype=torch.bfloat16)
+    with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
+        o, lse = torch.ops.cpcompile.attention_with_lse(*c.args())
+    assert o.shape == (2, 6, 5, 40) and o.dtype == torch.bfloat16
+    assert lse.shape == (2, 6, 5) and lse.dtype == torch.float32
+    c.filled = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
     with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
         o, lse = torch.ops.cpcompile.attention_with_lse(*c.args())
     assert o.shape == (2, 6, 5, 40) and o.dtype == torch.bfloat16
@@ -188,6 +205,9 @@ def test_torch_compile_fullgraph():
 
 def test_opcheck():
     c = make_case(B=2, Hkv=2, G=2, Lq=2, S=30, Dk=16, Dv=8, mask="bool", softcap=3.0, window=12)
+    torch.library.opcheck(torch.ops.cpcompile.attention_with_lse.default, c.args(),
+                          test_utils=("test_schema", "test_faketensor"))
+    c.filled = torch.tensor([17, 30], device=DEVICE)
     torch.library.opcheck(torch.ops.cpcompile.attention_with_lse.default, c.args(),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -231,6 +251,116 @@ def test_triton_matches_reference(params, tiling, splits):
     kw = dict(num_splits=splits, block_n=32, block_m=16) if tiling == "forced" and iters <= 200 else {}
     out = triton_launch.attention_with_lse(*case.args(), **kw)
     assert_attention_close(out, attention_with_lse_ref(*case.args()), p["dtype"], what=f"triton {kw} {p}")
+
+
+# --- filled: slots past filled[b] are empty and never read -------------------------------
+
+
+@st.composite
+def filled_rows(draw, B, S):
+    """[B] filled counts: 0, S, a partial count, or out of range (clamped), one per row or shared."""
+    value = st.one_of(st.just(0), st.just(S), st.integers(0, S), st.sampled_from([-3, S + 5]))
+    rows = [draw(value)] * B if draw(st.booleans()) else [draw(value) for _ in range(B)]
+    return torch.tensor(rows, dtype=draw(st.sampled_from([torch.int32, torch.int64])), device=DEVICE)
+
+
+@given(params=cases(), data=st.data())
+def test_torch_filled_matches_reference(params, data):
+    case = make_case(**params)
+    case.filled = data.draw(filled_rows(params["B"], params["S"]), label="filled")
+    run_and_check("torch", case, params["dtype"], what=f"filled={case.filled.tolist()} {params}")
+
+
+@given(params=cases(), data=st.data(), splits=st.integers(2, 5))
+def test_triton_filled_matches_reference(params, data, splits):
+    case = make_case(**params)
+    case.filled = data.draw(filled_rows(params["B"], params["S"]), label="filled")
+    p = params
+    # Forced tiles and splits when the interpreter can afford them: splits past the live
+    # prefix write the empty state and must merge to exactly nothing.
+    iters = p["B"] * p["Hkv"] * math.ceil(p["G"] * p["Lq"] / 16) * math.ceil(p["S"] / 32)
+    kw = dict(num_splits=splits, block_n=32, block_m=16) if iters <= 200 else {}
+    out = triton_launch.attention_with_lse(*case.args(), **kw)
+    assert_attention_close(out, attention_with_lse_ref(*case.args()), p["dtype"],
+                           what=f"triton {kw} filled={case.filled.tolist()} {p}")
+
+
+def test_filled_edge_values(impl):
+    # One row each: nothing filled, one slot, all but the last, all, and out of range both ways.
+    # triton_tiled: 150 slots = 10 blocks over 3 splits; filled=1 leaves 2 splits empty.
+    case = make_case(B=6, Hkv=2, G=2, Lq=2, S=150, positions="chunked", mask="bool", seed=5)
+    case.filled = torch.tensor([0, 1, 149, 150, -7, 400], device=DEVICE)
+    o, lse = run_and_check(impl, case, torch.float32, what="edge filled")
+    assert torch.isneginf(lse[0]).all() and (o[0] == 0).all()
+    assert torch.isneginf(lse[4]).all() and (o[4] == 0).all()  # -7 is clamped to 0
+    case.filled = torch.tensor([0, 1, 149, 150, 0, 150], device=DEVICE)  # clamped by hand, and 150 = S
+    assert_attention_close((o, lse), attention_with_lse_ref(*case.args()), torch.float32, "clamped")
+    case.filled = None
+    assert_attention_close((o[5:], lse[5:]), [x[5:] for x in attention_with_lse_ref(*case.args())],
+                           torch.float32, "filled >= S is all slots")
+
+
+@pytest.mark.parametrize("mask,dtype", [(None, torch.bfloat16), ("bool", torch.float32), ("additive", torch.float32)])
+def test_filled_never_reads_past_the_prefix(impl, mask, dtype):
+    # Past filled[b]: NaN in K and V, positions that would be visible, NaN bias / True mask.
+    # The result must be finite and equal to running each row on its prefix alone.
+    B, S = 4, 130
+    case = make_case(B=B, Hkv=2, G=2, Lq=2, S=S, Dk=32, Dv=16, dtype=dtype, positions="random", seed=7,
+                     mask=None if mask is None else "bool", softcap=2.0)
+    if mask == "additive":
+        case.mask = torch.randn(B, 2, S, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    filled = [0, 45, 130, 97]
+    case.filled = torch.tensor(filled, dtype=torch.int32, device=DEVICE)
+    for b, n in enumerate(filled):
+        case.k[b, :, n:] = float("nan")
+        case.v[b, :, n:] = float("nan")
+        case.pos_kv[b, n:] = torch.randint(-2, int(case.pos_q[b].max()) + 1, (S - n,)).to(DEVICE)
+        if mask == "bool":
+            case.mask[b, :, n:] = True
+        elif mask == "additive":
+            case.mask[b, :, n:] = float("nan")
+    o, lse = IMPLS[impl](*case.args())
+    assert torch.isfinite(o).all() and not torch.isnan(lse).any()
+    for b, n in enumerate(filled):
+        row = Case(case.q[b:b + 1], case.k[b:b + 1, :, :n], case.v[b:b + 1, :, :n], case.pos_q[b:b + 1],
+                   case.pos_kv[b:b + 1, :n], case.scale, case.softcap,
+                   mask=None if mask is None else case.mask[b:b + 1, :, :n])  # row b, its first n slots
+        o_row, lse_row = IMPLS[impl](*row.args())
+        assert_close(lse[b], lse_row[0], what=f"{impl} row {b} lse", **LSE_TOL)
+        assert_close(o[b], o_row[0], what=f"{impl} row {b} o", **TOL[dtype])
+
+
+def test_torch_path_cost_follows_filled():
+    # The torch path's matmul FLOPs on an S-slot cache with filled = n are those of an n-slot
+    # cache: the empty tail costs nothing.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(case):
+        with FlopCounterMode(display=False) as counter:
+            attention_with_lse_torch(*case.args())
+        return counter.get_total_flops()
+
+    full = make_case(B=2, Hkv=2, G=4, Lq=1, S=4096, Dk=64, Dv=64, device="cpu")
+    prefix = make_case(B=2, Hkv=2, G=4, Lq=1, S=40, Dk=64, Dv=64, device="cpu")
+    full.filled = torch.tensor([40, 13])
+    assert flops(full) == flops(prefix) == 2 * 2 * 2 * 40 * 4 * (64 + 64)  # B*Hkv * 2*n*G*(Dk+Dv)
+
+
+def test_filled_changes_do_not_recompile():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    c = make_case(B=2, Hkv=2, G=2, Lq=1, S=64, Dk=16, Dv=16)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def f(q, k, v, pos_q, pos_kv, filled):
+        return torch.ops.cpcompile.attention_with_lse(q, k, v, pos_q, pos_kv, c.scale, 0.0, 0, None, filled)
+
+    for filled in ([64, 64], [5, 0], [33, 64]):
+        c.filled = torch.tensor(filled, device=DEVICE)
+        o, lse = f(c.q, c.k, c.v, c.pos_q, c.pos_kv, c.filled)
+        assert_attention_close((o, lse), attention_with_lse_ref(*c.args()), torch.float32, f"compiled {filled}")
+    assert counter.frame_count == 1
 
 
 # --- launcher details -------------------------------------------------------------------
