@@ -106,6 +106,12 @@ def pad_tokens(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return x.index_select(dim, idx)
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """`x` with the standard row-major strides. Dynamo guards on strides, also of size-1 dims, which
+    `contiguous()` leaves as they are (a [1, 32] slice of a [1, 71] tensor keeps stride 71)."""
+    return x if x.stride() == torch.empty(x.shape, device="meta").stride() else x.clone(memory_format=torch.contiguous_format)
+
+
 @dataclass
 class Session:
     """One batch of sequences: its KV cache and what the engine knows about it."""
@@ -206,7 +212,7 @@ class Engine:
                     ck["logits_to_keep"] = torch.tensor([max(real, 1) - 1], device=ref.device)
                 else:
                     ck["logits_to_keep"] = 0
-            ck = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in ck.items()}  # strides are guarded too
+            ck = {k: _dense(v) if isinstance(v, torch.Tensor) else v for k, v in ck.items()}  # strides are guarded too
             ck[self.cache_name] = session.kv
             ck["use_cache"] = True
             layout = None

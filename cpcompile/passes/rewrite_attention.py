@@ -22,7 +22,8 @@ Before (Llama layer, cp = 1):
 After:
     k = l_keys[:, :, :32]; v = l_values[:, :, :32]
     pos_q = pos_new.unsqueeze(0).expand(2, 5); pos_kv = l_slot_pos[:32].unsqueeze(0).expand(2, 32)
-    o, lse = cpcompile.attention_with_lse(q, k, v, pos_q, pos_kv, 0.25, 0.0, 0, mask[:, 0])
+    filled = (pos_new[-1:] + 1).expand(2)   # slots written so far: the kernel reads only these
+    o, lse = cpcompile.attention_with_lse(q, k, v, pos_q, pos_kv, 0.25, 0.0, 0, mask[:, 0], filled)
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
                     raise AttentionError(f"attention #{site.index}: reads {shape(k)[2]} slots, expected {s_local}")
                 pos_q = _expand_rows(g, pos_new, d["B"])
                 pos_kv = _expand_rows(g, insert_call(g, operator.getitem, (slot_pos, slice(None, s_local))), d["B"])
+                filled = _filled_slots(g, pos_new, d["B"], par)
             else:
                 if par is not None and par.info.cp > 1:
                     raise AttentionError(
@@ -92,6 +94,7 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
                 device = val(site.query).device
                 pos_kv = _expand_rows(g, insert_call(g, torch.arange, (s,), {"device": device}), d["B"])
                 pos_q = _expand_rows(g, insert_call(g, torch.arange, (s - lq, s), {"device": device}), d["B"])
+                filled = None
             mask = _kernel_mask(g, site.mask, d) if site.mask is not None else None
             q = site.query
             if par is not None:
@@ -105,7 +108,7 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
             out = insert_call(
                 g,
                 torch.ops.cpcompile.attention_with_lse.default,
-                (q, k, v, pos_q, pos_kv, site.scale, site.softcap, 0, mask),
+                (q, k, v, pos_q, pos_kv, site.scale, site.softcap, 0, mask, filled),
             )
             o = insert_call(g, operator.getitem, (out, 0))
             if par is not None:
@@ -157,6 +160,21 @@ def _expand_rows(g: fx.Graph, pos: fx.Node, batch: int) -> fx.Node:
     """[N] -> [B, N] (a stride-0 view: one position row shared by the batch)."""
     row = insert_call(g, torch.Tensor.unsqueeze, (pos, 0))
     return insert_call(g, torch.Tensor.expand, (row, batch, shape(pos)[0]))
+
+
+def _filled_slots(g: fx.Graph, pos_new: fx.Node, batch: int, par: "AttentionParallel | None") -> fx.Node:
+    """[B] int64: this rank's filled local slots once this step's tokens are written, so the kernel
+    reads the live prefix only (decode cost follows the context, not max_length). The slots fill
+    in order: positions 0..n-1 are written, and this CP rank holds those of them that the
+    interleave rule gives it, a prefix of its slots (`kernels.layout`)."""
+    n = insert_call(g, operator.add, (insert_call(g, operator.getitem, (pos_new, slice(-1, None))), 1))  # [1]
+    if par is not None and par.info.cp > 1:
+        cp, i, r = par.info.cp, par.kv_interleave, par.info.cp_rank
+        full = insert_call(g, operator.floordiv, (n, cp * i))
+        rest = insert_call(g, operator.sub, (n, insert_call(g, operator.mul, (full, cp * i))))
+        mine = insert_call(g, torch.clamp, (insert_call(g, operator.sub, (rest, r * i)),), {"min": 0, "max": i})
+        n = insert_call(g, operator.add, (insert_call(g, operator.mul, (full, i)), mine))
+    return insert_call(g, torch.Tensor.expand, (n, batch))
 
 
 def _kernel_mask(g: fx.Graph, mask: fx.Node, d: dict[str, int]) -> fx.Node:

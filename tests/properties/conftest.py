@@ -30,13 +30,17 @@ settings.load_profile(PROFILE)
 
 
 @pytest.fixture(scope="session")
-def worlds():
+def worlds(request):
     """`worlds(n)`: a gloo world of n = dp*tp*cp ranks (2, 3 or 4), started on first use and kept
     for the session (a world costs seconds to start, one example's run costs about as much as a
-    compile)."""
+    compile). 2 and 4 are the suite's `world2` / `world4` (tests/conftest.py), shared with
+    tests/distributed and tests/testing."""
+    shared = {2: "world2", 4: "world4"}
     started: dict[int, World] = {}
 
     def get(n: int) -> World:
+        if n in shared:
+            return request.getfixturevalue(shared[n])
         if n not in started:
             started[n] = World(n).start()
         return started[n]
