@@ -10,7 +10,7 @@ A `transformers` `Cache` whose layers keep, per attention layer,
 with `S_local = ceil(max_length / (cp·I))·I` (I = kv_interleave). The token at global position
 `p` is written by CP rank `(p // I) % cp` at local slot `(p // (I·cp))·I + p % I` (the rule of
 `cpcompile.kernels.layout`); the other CP ranks write it to the sink slot, which attention
-never reads. The cache reports the **global** sequence length and a mask size of
+never reads; so do positions past `max_length` (a prefill chunk's padding). The cache reports the **global** sequence length and a mask size of
 `max_length`, so HF's position ids and masks are those of the single-device model.
 
 `update` returns what HF's attention would read, `[B, Hkv, max_length, D]`, through
@@ -116,7 +116,9 @@ class KVCacheLayer(CacheLayerMixin):
         lay = self.layout
         n_new = key_states.shape[-2]
         pos_new = torch.arange(n_new, device=self.device) + self.cumulative_length  # [T] global positions
-        mine = owner_rank(pos_new, lay.cp, lay.kv_interleave) == lay.cp_rank
+        # Positions past max_length exist only as the padding of a last prefill chunk (the serving
+        # engine rewinds them, and causality hides them from every real token): the sink takes them.
+        mine = (owner_rank(pos_new, lay.cp, lay.kv_interleave) == lay.cp_rank) & (pos_new < lay.max_length)
         dest = torch.where(mine, local_slot(pos_new, lay.cp, lay.kv_interleave), lay.local_slots)  # [T]
         h0, h1 = self.head_range
         if (h0, h1) != (0, self.global_heads):  # this TP rank's KV heads only

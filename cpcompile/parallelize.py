@@ -130,8 +130,7 @@ def parallelize(
     'world_tp'; section 3); `dp_inputs` says whether every rank passes the same batch ('global':
     rows are split over the dp replicas and every rank gets the whole batch back) or each
     replica its own requests ('local'). `max_length` is the most tokens (prompt + generated)
-    one sequence may reach; the KV cache is preallocated for it (plus `prefill_chunk - 1` slots
-    for the padding of a last chunk). Prompts run in chunks of at most `prefill_chunk` tokens and
+    one sequence may reach; the KV cache is preallocated for it. Prompts run in chunks of at most `prefill_chunk` tokens and
     batches in buckets of up to `max_batch` rows (per replica), so any request stream compiles at
     most `serving.graph_bound(max_batch, prefill_chunk)` graphs (docs/serving.md).
     """

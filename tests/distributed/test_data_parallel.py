@@ -28,6 +28,7 @@ def run_dp(arch, dp, tp, cp, ffn, dp_inputs, batch, prompt_len, new_tokens, comb
     from cpcompile import KVCache, parallelize
     from cpcompile.data_parallel import split_rows
     from cpcompile.parallelize import weight_bytes
+    from cpcompile.serving import bucket
     from cpcompile.tiny import tiny_model
 
     model = tiny_model(arch)
@@ -39,6 +40,14 @@ def run_dp(arch, dp, tp, cp, ffn, dp_inputs, batch, prompt_len, new_tokens, comb
     else:
         ids, mask = _prompts(batch, prompt_len)
         rows = split_rows(batch, dp)[dp_rank]
+    # rows the graph runs: this replica's bucket (global mode: the bucket of the largest share; local
+    # requests under world_tp: of the largest replica's batch, so all replicas run the same shapes)
+    if dp_inputs == "global":
+        graph_rows = bucket(max(split_rows(batch, dp)), 16, "")
+    elif ffn == "world_tp":
+        graph_rows = bucket(max(_replica_prompts(d)[0][0].shape[0] for d in range(dp)), 16, "")
+    else:
+        graph_rows = bucket(rows, 16, "")
     want = _generate(ref, ids, mask, new_tokens)
     parallelize(model, dp=dp, tp=tp, cp=cp, ffn=ffn, dp_inputs=dp_inputs, combine=combine, max_length=MAX_LENGTH, lowering=lowering)
     got = _generate(model, ids, mask, new_tokens)
@@ -47,9 +56,9 @@ def run_dp(arch, dp, tp, cp, ffn, dp_inputs, batch, prompt_len, new_tokens, comb
     return dict(
         sequences=got.sequences, logits=torch.stack(got.logits),
         ref_sequences=want.sequences, ref_logits=torch.stack(want.logits),
-        dp_rank=dp_rank, rows=rows, prompt_len=prompt_len, cache_rows=layer.batch_size,
+        dp_rank=dp_rank, rows=rows, graph_rows=graph_rows, prompt_len=prompt_len, cache_rows=layer.batch_size,
         kv_bytes=output_cache(got).kv_bytes(),
-        kv_single_rows=KVCache(model.config.num_hidden_layers, MAX_LENGTH).allocate(ref, rows).kv_bytes(),
+        kv_single_rows=KVCache(model.config.num_hidden_layers, MAX_LENGTH).allocate(ref, graph_rows).kv_bytes(),
         kv_heads=(layer.num_heads, layer.global_heads),
         weight_fraction=weight_bytes(model) / weight_bytes(ref),
         graphs=len(reports), decode=reports[-1].counts, prefill=reports[0].counts,
@@ -115,18 +124,18 @@ def test_generate_equals_single_device(request, arch, dp, tp, cp, ffn, dp_inputs
     want = expected_decode_collectives(layers, dp, tp, cp, ffn, dp_inputs)
     for r in results:
         assert r["decode"]["collectives"] == want
-        # the FFN-token counter: decode tokens T = this replica's rows
-        t = r["rows"]
+        # the FFN-token counter: decode tokens T = the rows this replica's graph runs (its batch bucket)
+        t = r["graph_rows"]
         if ffn == "sp" and cp > 1:
             per_rank = -(-t // cp)  # ceil(T/cp): no CP rank repeats another's FFN work
-            assert r["prefill"]["ffn_tokens"] == [-(-t * r["prompt_len"] // cp)] * layers
+            assert r["prefill"]["ffn_tokens"] == [-(-t * 16 // cp)] * layers  # one prefill chunk of 16 tokens
         elif ffn == "world_tp" and dp > 1:
-            per_rank = dp * max(x["rows"] for x in results)  # all replicas' tokens, padded to the largest
+            per_rank = dp * t  # all replicas' tokens (the same bucket everywhere)
         else:
             per_rank = t
         assert r["decode"]["ffn_tokens"] == [per_rank] * layers
-        # KV per rank covers only this replica's rows (and its tp/cp shard of them)
-        assert r["cache_rows"] == r["rows"]
+        # KV per rank covers only this replica's rows, bucketed (and its tp/cp shard of them)
+        assert r["cache_rows"] == r["graph_rows"]
         slots = -(-MAX_LENGTH // cp) if cp > 1 else MAX_LENGTH
         local_heads, global_heads = r["kv_heads"]
         assert r["kv_bytes"] == r["kv_single_rows"] * (slots + 1) * local_heads // ((MAX_LENGTH + 1) * global_heads)
@@ -222,7 +231,7 @@ def test_mla_and_moe_model_under_attention_dp(world2):
     """DeepSeek-V3 (MLA attention, MoE FFN) at dp=2: each replica's attention is tp = cp = 1."""
     results = world2.run(run_dp, "deepseek_v3", 2, 1, 1, "tp", "global", 3, 6, 8)
     check_equivalent(results, 6)
-    assert [r["rows"] for r in results] == [2, 1] and [r["cache_rows"] for r in results] == [2, 1]
+    assert [r["rows"] for r in results] == [2, 1] and [r["cache_rows"] for r in results] == [2, 2]  # one bucket of 2
     assert results[0]["decode"]["collectives"] == dict(all_reduce=0, all_to_all=0, all_gather=1, reduce_scatter=0)
 
 

@@ -47,7 +47,10 @@ def run_parallel(arch, tp, cp, combine, kv_interleave, batch, prompt_len, new_to
     model = tiny_model(arch)
     ref = copy.deepcopy(model)
     full_weights = weight_bytes(model)
-    kv_single = KVCache(model.config.num_hidden_layers, MAX_LENGTH).allocate(ref, batch).kv_bytes()
+    from cpcompile.serving import bucket
+
+    # KV rows: the batch bucket the graph runs (3 rows run as 4; the dummy row's outputs are dropped)
+    kv_single = KVCache(model.config.num_hidden_layers, MAX_LENGTH).allocate(ref, bucket(batch, 16, "")).kv_bytes()
     ids, mask = _prompts(batch, prompt_len)
     want = _generate(ref, ids, mask, new_tokens)
     parallelize(model, tp=tp, cp=cp, combine=combine, kv_interleave=kv_interleave, max_length=MAX_LENGTH, lowering=lowering)
