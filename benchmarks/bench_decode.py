@@ -2,6 +2,11 @@
 
     python benchmarks/bench_decode.py                      # defaults: prompt 512, batch 4
     python benchmarks/bench_decode.py --steps 64 --reps 5 --json /tmp/decode.json
+    python benchmarks/bench_decode.py --max-length-sweep 512,8192,32768 --prompt 256   # cpcompile only
+
+`--max-length-sweep` times cpcompile alone at several static `max_length`s for the same context
+(prompt + decode steps), interleaved step by step: decode should cost the live context, not the
+allocated cache (the kernel reads only the filled slots). Goal: largest/smallest <= 1.15.
 
 A small Llama (random seeded weights, fp32, eval) is built from a `LlamaConfig`; three
 contenders run the *same* shapes (same batch, prompt, static max length):
@@ -73,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk compile caches (default: a fresh empty cache dir, so 'compile s' is a cold compile)")
     p.add_argument("--json", metavar="PATH", default="", help="write the numbers here")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model, caches and inputs live")
+    p.add_argument("--max-length-sweep", default="", metavar="L1,L2,...",
+                   help="cpcompile only: decode ms/token at each static max_length for the same context")
     return p.parse_args(argv)
 
 
@@ -129,8 +136,75 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def sweep(a) -> int:
+    """cpcompile at several max_length for one context, interleaved; goal: largest/smallest <= 1.15."""
+    import transformers
+
+    from cpcompile.parallelize import parallelize
+
+    lengths = [int(x) for x in a.max_length_sweep.split(",")]
+    need = a.prompt + a.warmup + a.steps
+    if min(lengths) < need:
+        sys.exit(f"--max-length-sweep {min(lengths)} < prompt + warmup + steps = {need}")
+    a.max_length = max(lengths)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    print(f"decode vs max_length -- {a.device} ({cpu_model()}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    print(f"model: Llama layers={a.layers} hidden={a.hidden} heads={a.heads} kv_heads={a.kv_heads} | batch={a.batch} "
+          f"context {a.prompt} + {a.warmup + a.steps} decode steps | {a.reps} reps, interleaved")
+    base = build_model(a)
+    models = {}
+    for L in lengths:  # parallelize all first: it resets Dynamo, which would drop graphs compiled before
+        models[L] = parallelize(copy.deepcopy(base), max_length=L, lowering="inductor")
+    contenders = {L: Contender(f"max_length={L}", m, m.forward, a, static_cache=False) for L, m in models.items()}
+    g = torch.Generator().manual_seed(a.seed + 1)
+    B, P = a.batch, a.prompt
+    times = {L: [] for L in lengths}
+    tokens = {L: [] for L in lengths}
+    with torch.no_grad():
+        for rep in range(a.reps + 1):  # rep 0 compiles, untimed
+            prompt = torch.randint(0, a.vocab, (B, P), generator=g).to(a.device)
+            mask = torch.ones(B, P + a.warmup + a.steps, dtype=torch.long, device=a.device)
+            nxt, caches = {}, {}
+            for L, c in contenders.items():
+                t0 = time.perf_counter()
+                logits, caches[L] = c.forward(prompt, mask[:, :P], None)
+                nxt[L] = logits.argmax(-1, keepdim=True)
+                if rep == 0:
+                    c.compile_s = time.perf_counter() - t0
+            for i in range(a.warmup + a.steps):
+                order = lengths[(i + rep) % len(lengths):] + lengths[: (i + rep) % len(lengths)]
+                for L in order:
+                    t0 = time.perf_counter()
+                    logits, caches[L] = contenders[L].forward(nxt[L], mask[:, : P + i + 1], caches[L])
+                    nxt[L] = logits.argmax(-1, keepdim=True)
+                    sync()
+                    if rep and i >= a.warmup:
+                        times[L].append(time.perf_counter() - t0)
+                        tokens[L].append(nxt[L])
+    med = {L: statistics.median(times[L]) for L in lengths}
+    base_ms = med[lengths[0]]
+    print(f"\n{'max_length':>10} | {'decode ms/token (median)':>24} | {'vs max_length=' + str(lengths[0]):>18} | graphs")
+    for L in lengths:
+        print(f"{L:>10} | {1e3 * med[L]:>24.2f} | {med[L] / base_ms:>17.2f}x | {models[L]._cpcompile.graphs}")
+    same = all(torch.equal(torch.cat(tokens[L], 1), torch.cat(tokens[lengths[0]], 1)) for L in lengths)
+    ratio = med[lengths[-1]] / base_ms
+    goal = ratio <= 1.15
+    print(f"tokens identical across max_length: {same}")
+    print(f"goal: decode at max_length={lengths[-1]} <= 1.15x max_length={lengths[0]}: {'MET' if goal else 'NOT MET'} ({ratio:.2f})")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": a.device, "cpu_model": cpu_model(), "threads": torch.get_num_threads(), "args": vars(a),
+                       "decode_ms_median": {str(L): 1e3 * med[L] for L in lengths}, "ratio": ratio, "goal_met": goal,
+                       "tokens_identical": same}, f, indent=2)
+        print(f"wrote {a.json}")
+    return 0 if goal and same else 1
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.max_length_sweep:
+        return sweep(a)
     if not a.max_length:
         a.max_length = a.prompt + a.warmup + a.steps
     if a.max_length < a.prompt + a.warmup + a.steps:

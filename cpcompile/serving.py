@@ -163,6 +163,7 @@ class Engine:
                 f"{type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else list(mask.shape)}); cpcompile builds "
                 "the causal masks itself"
             )
+        cache_position = kwargs.pop("cache_position", None)  # transformers < 5.24 passes it; the model derives it
         keep = kwargs.pop("logits_to_keep", 0)
         if isinstance(keep, torch.Tensor):
             raise ValueError("cpcompile: logits_to_keep must be an int (the last n tokens' logits; 0 = all)")
@@ -181,6 +182,9 @@ class Engine:
                 "cpcompile.parallelize (or generate fewer tokens)."
             )
         seen, rows = session.seen, lay.rows
+        if cache_position is not None and not torch.equal(cache_position.cpu(), torch.arange(seen, seen + length)):
+            raise ValueError(f"cpcompile: cache_position {cache_position.tolist()} is not the next {length} positions "
+                             f"after the {seen} in the cache; cpcompile writes each sequence in order")
         take = lambda x: pad_rows(x[lay.take[0] : lay.take[1]] if x.shape[0] == batch else x.expand(batch, *x.shape[1:])[lay.take[0] : lay.take[1]], rows)
         x = take(ref)
         if mask is None:
