@@ -197,7 +197,8 @@ class Engine:
         if "position_ids" in self.params and "position_ids" not in tokens:  # as HF: cache position (explicit, so padding stays in range)
             tokens["position_ids"] = torch.arange(seen, seen + length, device=ref.device).expand(rows, length)
         decode = lay.length == 1
-        mode = "last" if decode or keep == 1 else "all"
+        # "last": only the last token's logits (generate()); a model without logits_to_keep returns all
+        mode = "last" if decode or (keep == 1 and "logits_to_keep" in self.params) else "all"
         capacity = session.kv.max_length
         parts, last = [], None
         start = 0

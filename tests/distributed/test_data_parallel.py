@@ -153,11 +153,12 @@ def test_compiled_lowerings(world2, lowering, dp, cp, ffn):
 
 
 def test_sp_chunks_padded_when_tokens_do_not_divide(world2):
-    """T = 3 decode tokens over cp = 2: chunks of 2, the padding dropped at the all-gather."""
+    """3 rows run as a bucket of 4: T = 4 decode tokens over cp = 2, chunks of 2; the 5-token prompt is one
+    16-token prefill chunk, T = 64 tokens, 32 per CP rank."""
     results = world2.run(run_dp, "qwen3", 1, 1, 2, "sp", "global", 3, 5, 6)
     check_equivalent(results, 5)
     assert [r["decode"]["ffn_tokens"][0] for r in results] == [2, 2]
-    assert [r["prefill"]["ffn_tokens"][0] for r in results] == [8, 8]  # ceil(15 / 2)
+    assert [r["prefill"]["ffn_tokens"][0] for r in results] == [32, 32]  # ceil(4 x 16 / 2)
 
 
 def too_few_rows():

@@ -19,16 +19,20 @@ from test_parallelize import FP32_ATOL, NEAR_TIE
 MAX_LENGTH, CHUNK, MAX_BATCH = 96, 32, 4
 
 
-def _request(rng: random.Random):
-    new = rng.randint(1, 5)
+def _request(rng: random.Random, settings: random.Random):
+    """One call: the request (batch, width, left padding, ids) from `rng`; the generation settings
+    (new tokens, greedy or a sampling seed) from `settings`, which every rank draws alike (ranks
+    must agree on them, even where replicas pass their own requests)."""
+    new = settings.randint(1, 5)
+    sample = settings.random() < 0.3
+    sample_seed = settings.randint(0, 2**16) if sample else None
     batch = rng.randint(1, MAX_BATCH)
     width = rng.randint(1, 70)
     pads = [rng.randint(0, width - 1) for _ in range(batch)]
     g = torch.Generator().manual_seed(rng.randint(0, 2**16))
     ids = torch.randint(3, 250, (batch, width), generator=g)
     mask = (torch.arange(width)[None, :] >= torch.tensor(pads)[:, None]).long()
-    sample = rng.random() < 0.3
-    return ids.masked_fill(mask == 0, 0), mask, new, (rng.randint(0, 2**16) if sample else None)
+    return ids.masked_fill(mask == 0, 0), mask, new, sample_seed
 
 
 def _generate(model, ids, mask, new, seed):
@@ -54,9 +58,10 @@ def run_stream(arch, n_requests, seed, **mesh):
     local = mesh.get("dp_inputs") == "local"
     replica = dist.get_rank() // (mesh.get("tp", 1) * mesh.get("cp", 1))
     rng = random.Random(seed + (1000 * replica if local else 0))  # local: each replica its own requests
+    settings = random.Random(seed)
     calls = []
     for _ in range(n_requests):
-        ids, mask, new, sample_seed = _request(rng)
+        ids, mask, new, sample_seed = _request(rng, settings)
         got, got_logits = _generate(model, ids, mask, new, sample_seed)
         want, want_logits = _generate(ref, ids, mask, new, sample_seed)
         calls.append(dict(width=ids.shape[1], got=got, want=want, got_logits=got_logits, want_logits=want_logits))
