@@ -70,6 +70,22 @@ class Groups:
         return len(self.info.ranks(group))
 
 
+# Subgroups already made in this process, by (default group, ranks): every `parallelize` in one
+# process (a server loading several models, the test suite's persistent worlds) would otherwise
+# make new communicators each time and never free them; each holds gloo's polling threads.
+_SUBGROUPS: dict[tuple, object] = {}
+
+
+def _subgroup(ranks: tuple[int, ...]):
+    """`dist.new_group(ranks)`, made once per default process group (all ranks call it in the same
+    order, so all of them hit or miss together, as `new_group` requires)."""
+    world = dist.group.WORLD
+    key = (id(world), ranks)  # the entry holds `world`, so its id cannot be reused while cached
+    if key not in _SUBGROUPS:
+        _SUBGROUPS[key] = (world, dist.new_group(list(ranks)))
+    return _SUBGROUPS[key][1]
+
+
 def init_groups(tp: int, cp: int, dp: int, device: torch.device) -> Groups:
     """Initialise the default group if needed (torchrun's env vars) and build this rank's groups.
 
@@ -99,7 +115,7 @@ def init_groups(tp: int, cp: int, dp: int, device: torch.device) -> Groups:
             if ranks in seen:
                 continue
             seen.add(ranks)
-            g = dist.new_group(list(ranks))
+            g = _subgroup(ranks)
             if me.rank in ranks:
                 mine = g
         handles[kind] = mine
