@@ -31,7 +31,8 @@ import torch
 from cpcompile._hf import cache_arg, forward_parameters
 from cpcompile.backend import Backend
 from cpcompile.cache import KVCache, kv_shapes
-from cpcompile.data_parallel import REPLICA_LAYOUT, agree_on_settings
+from cpcompile.data_parallel import REPLICA_LAYOUT
+from cpcompile.lockstep import check_same_inputs, lockstep_generate
 from cpcompile.options import Options
 from cpcompile.passes import Analysis, analyze
 from cpcompile.passes.find_projections import input_names, param_names
@@ -76,9 +77,9 @@ class ParallelState:
         """The ranks that must see the same inputs do: all ranks, or a replica's with dp_inputs='local'."""
         o = self.options
         if o.dp == 1 or o.dp_inputs == "global":
-            _check_same_inputs(ref, None)
+            check_same_inputs(ref, None)
         elif o.tp * o.cp > 1:
-            _check_same_inputs(ref, self.groups.handles["replica"])
+            check_same_inputs(ref, self.groups.handles["replica"])
 
 
 def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prompt_length: int = 4) -> Analysis:
@@ -175,26 +176,10 @@ def parallelize(
     model._cpcompile_forward = model_forward
     model.forward = forward
     if state.rank is not None:
-        model.generate = _lockstep_generate(model, state, model.generate)
+        model.generate = lockstep_generate(model, state, model.generate)
     model._cpcompile = state
     model.generation_config.disable_compile = True
     return model
-
-
-def _lockstep_generate(model, state: ParallelState, generate):
-    """`generate` that first checks every rank runs it with the same settings and, where replicas
-    exchange data every step but may stop at different steps (local requests under
-    ffn='world_tp'), keeps the finished ones stepping (HF's synced_gpus) until all are done."""
-
-    @functools.wraps(generate)
-    def lockstep(*args, **kwargs):
-        agree_on_settings(model, kwargs)
-        o = state.options
-        if o.dp > 1 and o.dp_inputs == "local" and o.ffn == "world_tp":
-            kwargs.setdefault("synced_gpus", True)
-        return generate(*args, **kwargs)
-
-    return lockstep
 
 
 def _shard_model(model, analysis: Analysis, options: Options):
@@ -229,24 +214,6 @@ def _shard_model(model, analysis: Analysis, options: Options):
                 mod._parameters[attr] = torch.nn.Parameter(stub, requires_grad=False)
     names = {k: groups.name(k) for k in ("cp", "tp", "replica", "dp", "world")}
     return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave), shards, local), groups
-
-
-def _check_same_inputs(ids: torch.Tensor, group) -> None:
-    """Every rank of `group` (None: all) must be given the same inputs; a cheap checksum catches one that is not."""
-    import torch.distributed as dist
-
-    flat = ids.reshape(-1).double()
-    c = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum(),
-                     torch.tensor(float(ids.shape[0]), device=flat.device), torch.tensor(float(ids.shape[1]), device=flat.device)])
-    both = torch.cat([c, -c])  # one all-reduce gives the max and (negated) min of every field
-    dist.all_reduce(both, dist.ReduceOp.MAX, group=group)
-    hi, lo = both[:4], -both[4:]
-    if not torch.equal(hi, lo):
-        who = "every rank" if group is None else "every rank of a replica (its tp*cp ranks)"
-        raise ValueError(
-            f"cpcompile: rank {dist.get_rank()} sees inputs that differ from other ranks (checksum {c.tolist()} vs "
-            f"min {lo.tolist()} / max {hi.tolist()}); {who} must pass the same input_ids"
-        )
 
 
 def weight_bytes(model) -> int:
