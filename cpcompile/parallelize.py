@@ -202,8 +202,13 @@ def _shard_model(model, analysis: Analysis, options: Options):
                 f"cpcompile: the plan shards the linear weight {name}, which is not a parameter of the model (it is "
                 "computed in the forward); cpcompile can shard only the model's own weights. Run with tp = cp = 1."
             )
-        bias_name = name[: -len("weight")] + "bias" if name.endswith("weight") else None
+        bias_name = shard.bias
         bias = params.get(bias_name) if bias_name else None
+        if bias_name and bias is None:
+            raise ValueError(
+                f"cpcompile: the linear of {name} adds a bias that is not a parameter of the model ({bias_name}); "
+                "cpcompile cannot shard it. Run with tp = cp = 1."
+            )
         local[name] = local_tensors(shard, params[name].detach(), bias.detach() if bias is not None else None)
         for pname in (name, bias_name if bias is not None else None):
             if pname:

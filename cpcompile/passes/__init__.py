@@ -1,5 +1,6 @@
 """The pass manager: cpcompile's passes, in their fixed order.
 
+0. normalize_linears — every projection form (x @ W.T, addmm, ...) -> linear. (canonicalises)
 1. find_attention    — attention sites (SDPA / eager forms), their K/V source.  (reads)
 2. find_projections  — every linear's role, by dataflow.                       (reads)
 3. plan              — role -> placement under the mesh, validated.            (reads)
@@ -14,7 +15,7 @@
 (Pass 2b, shard_weights, runs once at `parallelize` on the captured graph: it decides each
 rank's columns; passes 4 and 5 execute that on every graph Dynamo produces.)
 
-Analysis runs before any rewrite so that roles are read off the graph HF produced, and the
+Analysis runs before any rewrite (pass 0 only spells projections one way) so that roles are read off the graph HF produced, and the
 plan is validated before the graph is touched: a mesh error never leaves a half-rewritten
 graph. Each pass's counts are returned in `PassReport`; tests assert them.
 """
@@ -31,6 +32,7 @@ from cpcompile.options import Options
 from cpcompile.passes._fx import is_op, op_count
 from cpcompile.passes.find_attention import AttentionSite, find_attention_sites
 from cpcompile.passes.find_projections import Roles, find_projections
+from cpcompile.passes.normalize_linears import normalize_linears, unrecognised_products
 from cpcompile.passes.plan import Mesh, Placement, plan
 from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
 from cpcompile.passes.gather_replicas import gather_replicas, replica_layout
@@ -54,15 +56,19 @@ class PassReport:
 
 def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | None = None) -> Analysis:
     """`names`: the graph's weight inputs -> parameter names (`find_projections.input_names`);
-    None only for a bare single-device function (names are then for display)."""
+    None only for a bare single-device function (names are then for display).
+
+    First puts every projection in `linear` form (pass 0, normalize_linears: the one rewrite
+    before analysis; it keeps the model's results)."""
+    normalize_linears(gm, names)
     sites = find_attention_sites(gm)
     roles = find_projections(gm, sites, names)
     placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn))
-    return Analysis(sites, roles, placements, _notes(gm, sites, roles))
+    return Analysis(sites, roles, placements, _notes(gm, sites, roles, names))
 
 
-def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles) -> list[str]:
-    notes = []
+def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles, names=None) -> list[str]:
+    notes = list(unrecognised_products(gm, names))
     in_attention = {n for s in sites for n in s.chain}
     for n in gm.graph.nodes:
         if is_op(n, "softmax") and n not in in_attention:
@@ -70,6 +76,8 @@ def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles) -> list
     for p in roles.projections:
         if p.role in ("other", "ffn_other"):
             notes.append(f"linear {p.weight} ({p.role}): structure not recognised; replicated on every rank")
+        elif p.role == "shared":
+            notes.append(f"linear {p.weight} (shared): the weight is used in more than one place; replicated on every rank")
     return notes
 
 

@@ -33,6 +33,7 @@ from torch import fx
 
 from cpcompile.passes._fx import ancestors, descendants, is_op
 from cpcompile.passes.find_attention import AttentionSite
+from cpcompile.passes.normalize_linears import is_batch_view, is_cast, is_transpose
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Projection:
     bias: str | None = None
     out_features: int = 0
     in_features: int = 0
+    transposed: bool = False  # the parameter is stored [in, out] (Conv1D); slices follow it
 
 
 @dataclass
@@ -65,8 +67,8 @@ def _first_linears_back(node: fx.Node) -> set[fx.Node]:
     return {n for n in ancestors(node, stop) if _is_linear(n)}
 
 
-def _first_linears_forward(node: fx.Node) -> set[fx.Node]:
-    return {n for n in descendants([node], _is_linear) if _is_linear(n)}
+def _first_linears_forward(node: fx.Node, stop=lambda n: False) -> set[fx.Node]:
+    return {n for n in descendants([node], lambda n: _is_linear(n) or stop(n)) if _is_linear(n)}
 
 
 def param_names(model) -> dict[int, str]:
@@ -84,11 +86,23 @@ def input_names(gm: fx.GraphModule, example_inputs: list, params: dict[int, str]
     return {n: params[id(t)] for n, t in zip(placeholders, example_inputs) if id(t) in params}
 
 
+def weight_input(node: fx.Node) -> tuple[fx.Node, bool]:
+    """The graph input a linear's weight argument is a view of, and whether it is that input
+    transposed (stored [in, out]); dtype casts looked through (DeepSeek-V3's router runs in fp32)."""
+    flips = 0
+    while node.op in ("call_method", "call_function") and node.all_input_nodes:
+        if is_transpose(node):
+            flips += 1
+        elif not (is_cast(node) or is_batch_view(node)):
+            break
+        node = node.args[0]
+    return node, bool(flips % 2)
+
+
 def param_name(node: fx.Node, names: dict[fx.Node, str] | None) -> str:
-    """The parameter name of a weight node (dtype casts looked through: DeepSeek-V3's router runs
-    in fp32), from `input_names` (see the module docstring)."""
-    while node.op in ("call_method", "call_function") and (is_op(node, "to") or node.target == "type") and node.all_input_nodes:
-        node = node.all_input_nodes[0]
+    """The parameter name of a weight node (casts and transposes looked through, `weight_input`),
+    from `input_names` (see the module docstring)."""
+    node = weight_input(node)[0]
     if node.op == "get_attr":
         return str(node.target)
     if names is not None:
@@ -108,6 +122,7 @@ def _new_kv(site: AttentionSite) -> tuple[list[fx.Node], list[fx.Node]]:
 
 def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict[fx.Node, str] | None = None) -> Roles:
     linears = [n for n in gm.graph.nodes if _is_linear(n)]
+    weights = {n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr") and (names is None or n in names)}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     role: dict[fx.Node, tuple[str, int]] = {}
 
@@ -137,12 +152,14 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
                 if lin in role:
                     continue
                 fwd = _first_linears_forward(lin)
-                if fwd and fwd <= group and not any(_residual_add(u) for u in descendants([lin], _is_linear)):
+                if fwd and fwd <= group and not any(_residual_add(u, weights) for u in descendants([lin], _is_linear)):
                     kind = "q_down" if fwd & q else "kv_down"
                     role[lin] = (kind, i)
                     group.add(lin)
                     changed = True
-        o = _first_linears_forward(site.output) - group
+        # o: the first linears on the attention output's way to the layer's residual add (never past
+        # it: the next thing there may be another layer's projection or, tied to the embedding, the LM head)
+        o = _first_linears_forward(site.output, stop=lambda n: _residual_add(n, weights)) - group
         for lin in o:
             role[lin] = ("o", i)
         groups.append(group | o)
@@ -159,6 +176,11 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
             role[lin] = (r, i)
     for lin in linears:
         role.setdefault(lin, ("other", -1))
+    # A weight used in more than one place (an LM head tied to the embedding, a projection shared by
+    # layers) is never given a layer role: sharding it for one use would break the others.
+    for lin in linears:
+        if role[lin][0] not in ("lm_head", "other") and _weight_uses(lin.args[1]) > 1:
+            role[lin] = ("shared", -1)
 
     projections = []
     for lin in linears:
@@ -166,18 +188,34 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
         w = lin.args[1]
         b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
         wv = w.meta.get("example_value", w.meta.get("val")) if isinstance(w, fx.Node) else None
-        out_f, in_f = (tuple(wv.shape) + (0, 0))[:2] if wv is not None else (0, 0)
+        out_f, in_f = (tuple(wv.shape) + (0, 0))[:2] if wv is not None else (0, 0)  # linear's [out, in]
         weight = param_name(w, names) if isinstance(w, fx.Node) else str(w)
+        transposed = weight_input(w)[1] if isinstance(w, fx.Node) else False
         lin.meta["cpcompile_weight"] = weight  # what shard_linears / split_tokens read
-        projections.append(
-            Projection(lin, r, layer, weight, param_name(b, names) if isinstance(b, fx.Node) else None, int(out_f), int(in_f))
-        )
+        bias = param_name(b, names) if isinstance(b, fx.Node) else None
+        projections.append(Projection(lin, r, layer, weight, bias, int(out_f), int(in_f), transposed))
     return Roles(projections)
 
 
-def _residual_add(n: fx.Node) -> bool:
-    """An add of two computed tensors (a residual connection), as opposed to `x + const`."""
-    return is_op(n, "add") and all(isinstance(a, fx.Node) for a in n.args[:2])
+def _weight_uses(w: fx.Node) -> int:
+    """How many computations read the graph input behind the weight argument `w` (its views and casts
+    looked through)."""
+    src = weight_input(w)[0]
+    uses, todo = 0, [src]
+    while todo:
+        for u in todo.pop().users:
+            if is_transpose(u) or is_cast(u) or is_batch_view(u):
+                todo.append(u)
+            else:
+                uses += 1
+    return uses
+
+
+def _residual_add(n: fx.Node, weights: set[fx.Node] = frozenset()) -> bool:
+    """An add of two computed tensors (a residual connection), as opposed to `x + const` or `x + bias`."""
+    if not is_op(n, "add") or not all(isinstance(a, fx.Node) for a in n.args[:2]):
+        return False
+    return not any(weight_input(a)[0] in weights for a in n.args[:2])
 
 
 def _lm_head(gm: fx.GraphModule, linears: list[fx.Node], role: dict) -> fx.Node | None:

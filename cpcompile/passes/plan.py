@@ -115,6 +115,8 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
                 f"layer {s.index}: combine={mesh.combine!r} needs Hq/tp={d['Hq'] // max(mesh.tp, 1)} divisible by "
                 f"cp={mesh.cp} (use 'all_gather')"
             )
+    if mesh.replica > 1:
+        out += [f"layer {m}" for m in missing_roles(roles, sites)]
     mla = sorted({p.layer for p in roles.projections if p.role == "kv_up"})
     if mla and mesh.replica > 1 or mla and mesh.ffn == "world_tp" and mesh.world > 1:
         out.append(
@@ -132,6 +134,26 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
         if dim % group:
             out.append(f"{p.weight} ({p.role}): {'in' if pl.startswith('row') else 'out'} features {dim} not divisible by {group} ({pl})")
     return sorted(set(out))
+
+
+_NEEDS = {"q": ("q", "qkv", "qk", "qv"), "k": ("k", "qkv", "qk", "kv", "kv_down"), "v": ("v", "qkv", "qv", "kv", "kv_down"), "o": ("o",)}
+
+
+def missing_roles(roles: Roles, sites: list[AttentionSite]) -> list[str]:
+    """One line per attention site lacking a q, k, v (or fused) or o projection: such a layer's heads
+    cannot be sharded (its attention would read heads no projection made local, or its output would
+    reach the residual stream unreduced), so any mesh with tp or cp > 1 is refused."""
+    out = []
+    for s in sites:
+        have = {p.role for p in roles.by_layer(s.index)}
+        missing = [r for r, forms in _NEEDS.items() if not have & set(forms)]
+        if missing:
+            out.append(
+                f"{s.index}: no {'/'.join(missing)} projection found by dataflow around its attention (roles found: "
+                f"{sorted(have) or 'none'}); it cannot be sharded, so this model runs at tp = cp = 1 only "
+                "(see cpcompile.explain's 'not understood')"
+            )
+    return out
 
 
 def valid_meshes(

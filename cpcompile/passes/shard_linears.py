@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from cpcompile.passes._fx import insert_call, is_op, shape
+from cpcompile.passes._fx import insert_call, is_op, shape, val
 from cpcompile.passes.shard_weights import WeightShard
 
 _c10d = torch.ops._c10d_functional
@@ -75,6 +75,9 @@ def shard_linears(
         done.add(name)
         shard = shards[name]
         w_loc, b_loc = local[name]
+        dtype = val(lin.args[1]).dtype  # the model may cast its weight in the forward (W.to(x.dtype))
+        w_loc = w_loc.to(dtype)
+        b_loc = b_loc.to(val(lin.args[2]).dtype) if b_loc is not None and len(lin.args) > 2 and lin.args[2] is not None else b_loc
         x = lin.args[0]
         full = shape(lin)
         with g.inserting_before(lin):

@@ -41,7 +41,9 @@ class WeightShard:
     kind: str  # "column" | "row"
     group: str  # "tp" | "replica" | "world": the group a row shard's partial sums are reduced over
     cols: torch.Tensor  # column: this rank's output features; row: its input features (sorted)
-    full_shape: tuple[int, int]
+    full_shape: tuple[int, int]  # the linear's [out, in]
+    bias: str | None = None  # the bias parameter's name
+    transposed: bool = False  # the parameter is stored [in, out] (Conv1D): its columns are the outputs
 
     @property
     def contiguous(self) -> tuple[int, int] | None:
@@ -106,16 +108,16 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str =
                     cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in (site.key, site.value)]
                 if not cols:
                     raise ValueError(f"shard_weights: {p.weight} ({p.role}) has no column rule")
-                shards[p.weight] = WeightShard(p.weight, kind, group, torch.cat(cols).unique(), (p.out_features, p.in_features))
+                shards[p.weight] = _shard(p, kind, group, torch.cat(cols).unique())
             elif p.role == "o":
                 h0, h1 = heads["out"]
                 cols = forward_support(site.output, lin.args[0], lambda x: _heads_mask(x, h0, h1))
-                shards[p.weight] = WeightShard(p.weight, "row", group, cols, (p.out_features, p.in_features))
+                shards[p.weight] = _shard(p, "row", group, cols)
             elif kind == "row":  # down / fc2 over the FFN group
                 size, r = mesh.size(group), group_rank(info, group)
                 per = p.in_features // size
                 cols = torch.arange(r * per, (r + 1) * per)
-                shards[p.weight] = WeightShard(p.weight, "row", group, cols, (p.out_features, p.in_features))
+                shards[p.weight] = _shard(p, "row", group, cols)
                 ffn_row = (p, r * per, (r + 1) * per)
         for p in layer:  # FFN column shards: the columns that feed this rank's chunk of down's input
             placement = placement_for(p.role, mesh)
@@ -124,13 +126,20 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str =
                     raise ValueError(f"shard_weights: {p.weight} ({p.role}) is column-parallel but layer {site.index} has no down/fc2")
                 down, c0, c1 = ffn_row
                 cols = column_support(p.node, down.node.args[0], lambda t: t[..., c0:c1])
-                shards[p.weight] = WeightShard(p.weight, "column", placement.split("/")[-1], cols, (p.out_features, p.in_features))
+                shards[p.weight] = _shard(p, "column", placement.split("/")[-1], cols)
     return shards
 
 
+def _shard(p, kind: str, group: str, cols: torch.Tensor) -> WeightShard:
+    return WeightShard(p.weight, kind, group, cols, (p.out_features, p.in_features), p.bias, p.transposed)
+
+
 def local_tensors(shard: WeightShard, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This rank's copy of a weight (and bias): rows for column shards, columns for row shards."""
+    """This rank's copy of a weight (and bias), in linear's [out, in] orientation: rows for column
+    shards, columns for row shards (of the transpose, for a weight stored [in, out])."""
     idx = shard.cols.to(weight.device)
+    if shard.transposed:
+        weight = weight.t()
     if shard.kind == "column":
         return weight.index_select(0, idx).contiguous(), (bias.index_select(0, idx).contiguous() if bias is not None else None)
     return weight.index_select(1, idx).contiguous(), (bias.detach().clone() if bias is not None else None)
