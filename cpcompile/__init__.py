@@ -1,6 +1,6 @@
 """cpcompile: parallelize an unmodified Hugging Face decoder by compiling it.
 
-Public surface: `parallelize`, `explain`, the `"cpcompile"` torch.compile backend, and
+Public surface: `parallelize` (and its `VerificationError`), `explain`, the `"cpcompile"` torch.compile backend, and
 `KVCache` (the sharded static cache, for driving a compiled forward by hand).
 """
 
@@ -8,6 +8,7 @@ from cpcompile import kernels as _kernels  # noqa: F401  (registers torch.ops.cp
 from cpcompile.cache import KVCache
 from cpcompile.explain import explain
 from cpcompile.parallelize import parallelize
+from cpcompile.verify import VerificationError
 
 __version__ = "0.1.0"
-__all__ = ["KVCache", "explain", "parallelize"]
+__all__ = ["KVCache", "VerificationError", "explain", "parallelize"]

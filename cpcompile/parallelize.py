@@ -37,6 +37,7 @@ from cpcompile.options import Options
 from cpcompile.passes import Analysis, analyze
 from cpcompile.passes.find_projections import input_names, param_names
 from cpcompile.serving import Engine, check_serving, graph_bound
+from cpcompile import verify as verification
 
 if TYPE_CHECKING:
     from cpcompile.distributed import Groups, RankInfo
@@ -62,6 +63,7 @@ class ParallelState:
     parallel: "Parallel | None" = None
     groups: "Groups | None" = None
     engine: "Engine | None" = None
+    verification: dict | None = None  # the largest logit error per step of the self-verification probe
 
     @property
     def graph_bound(self) -> int:
@@ -124,6 +126,7 @@ def parallelize(
     max_batch: int = DEFAULT_MAX_BATCH,
     lowering: str = "inductor",
     debug_dir: str | None = None,
+    verify: bool = True,
 ) -> torch.nn.Module:
     """Compile `model` with cpcompile; returns the same model object, ready for `generate()`.
 
@@ -134,6 +137,11 @@ def parallelize(
     one sequence may reach; the KV cache is preallocated for it. Prompts run in chunks of at most `prefill_chunk` tokens and
     batches in buckets of up to `max_batch` rows (per replica), so any request stream compiles at
     most `serving.graph_bound(max_batch, prefill_chunk)` graphs (docs/serving.md).
+
+    `verify` (default on): before returning, run a short seeded probe (a left-padded batch, a
+    prefill and a decode step) through the model before and after sharding and raise
+    `cpcompile.VerificationError`, naming the step and the first layer that differs, if the
+    logits disagree (`cpcompile/verify.py`, docs/verification.md).
     """
     if getattr(model, "_cpcompile", None) is not None:
         raise ValueError("parallelize: this model is already parallelized by cpcompile")
@@ -146,6 +154,8 @@ def parallelize(
     check_serving(prefill_chunk, max_batch)
     model.eval()
     analysis = capture(model, options)  # validates the mesh; raises MeshError / AttentionError
+    probe_rows = min(2, max_batch) * (dp if dp_inputs == "global" else 1)
+    ref = verification.reference(model, probe_rows) if verify else None  # while this rank holds the whole model
     shapes = kv_shapes(model)
     parallel, groups = None, None
     if dp * tp * cp > 1:
@@ -179,7 +189,22 @@ def parallelize(
         model.generate = lockstep_generate(model, state, model.generate)
     model._cpcompile = state
     model.generation_config.disable_compile = True
+    if ref is not None:
+        state.verification = verification.check(model, ref, _describe(options), _cannot_locate(options))
     return model
+
+
+def _describe(o: Options) -> str:
+    return (f"dp={o.dp}, tp={o.tp}, cp={o.cp} (combine={o.combine!r}, ffn={o.ffn!r}"
+            + (f", dp_inputs={o.dp_inputs!r}" if o.dp > 1 else "") + ")")
+
+
+def _cannot_locate(o: Options) -> str | None:
+    """Why verification cannot compare per-layer hidden states on this mesh (they are split over ranks)."""
+    if o.ffn == "sp" and o.cp > 1 or o.ffn == "world_tp" and o.dp > 1:
+        return (f"The layer was not located: under ffn={o.ffn!r} the hidden states between layers are split over ranks. "
+                f"parallelize the model at dp=1, tp={o.tp}, cp={o.cp}, ffn='tp' to locate it.")
+    return None
 
 
 def _shard_model(model, analysis: Analysis, options: Options):

@@ -142,12 +142,16 @@ class Engine:
         self.params, self.cache_name, self.device, self.num_layers = params, cache_name, device, num_layers
         self.sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # caller's cache or KVCache -> Session
         self.compiles: dict[tuple, int] = {}  # shape key -> graphs Dynamo compiled for it
+        # Set by self-verification (cpcompile/verify.py) to locate a wrong layer: the forward then also
+        # returns every layer's hidden states (extra graphs, beyond `graph_bound`; never while serving).
+        self.diagnose = False
 
     # ---- the forward ----------------------------------------------------------------------
     def __call__(self, kwargs: dict):
         st = self.state
-        for k in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(k):
+        hidden = bool(kwargs.pop("output_hidden_states", False))
+        for k, on in (("output_attentions", kwargs.get("output_attentions")), ("output_hidden_states", hidden and not self.diagnose)):
+            if on:
                 raise ValueError(f"cpcompile: {k}=True is not supported (attention is rewritten and prefill is chunked)")
         past = pop_cache(kwargs)
         kind = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
@@ -200,7 +204,7 @@ class Engine:
         # "last": only the last token's logits (generate()); a model without logits_to_keep returns all
         mode = "last" if decode or (keep == 1 and "logits_to_keep" in self.params) else "all"
         capacity = session.kv.max_length
-        parts, last = [], None
+        parts, last, states = [], None, []
         start = 0
         for size in [1] if decode else chunk_plan(lay.length, st.prefill_chunk):
             real = max(0, min(size, length - start))
@@ -221,11 +225,15 @@ class Engine:
             ck = {k: _dense(v) if isinstance(v, torch.Tensor) else v for k, v in ck.items()}  # strides are guarded too
             ck[self.cache_name] = session.kv
             ck["use_cache"] = True
+            if hidden:
+                ck["output_hidden_states"] = True
             layout = None
             if lay.replicas is not None:
                 layout = (lay.replicas, tuple(r * size for r in lay.replicas))
-            out = self._run(ck, layout, (rows, size, mode, kind, layout))
+            out = self._run(ck, layout, (rows, size, mode, kind, layout) + (("hidden",) if hidden else ()))
             logits = out["logits"]
+            if hidden and real:
+                states.append([h[:, :real] for h in out["hidden_states"]])
             if mode == "all":
                 parts.append(logits[:, :real] if logits.shape[1] == size else logits)
             elif real:
@@ -237,8 +245,10 @@ class Engine:
         logits = torch.cat(parts, dim=1) if mode == "all" else last
         if mode == "all" and keep > 0:
             logits = logits[:, -keep:]
-        logits = logits.index_select(0, torch.tensor(lay.out_rows, device=logits.device))
-        out["logits"] = logits
+        rows_out = torch.tensor(lay.out_rows, device=logits.device)
+        out["logits"] = logits.index_select(0, rows_out)
+        if hidden:  # verification's diagnosis only (`diagnose`): every layer's output, chunks concatenated
+            out["hidden_states"] = tuple(torch.cat(h, dim=1).index_select(0, rows_out) for h in zip(*states))
         for name in ("cache", "past_key_values"):
             if name in out:
                 out[name] = session.kv
@@ -249,7 +259,7 @@ class Engine:
         one each, unless `torch._dynamo.reset()` dropped them in between)."""
         backend = self.state.backend
         before = len(backend.reports)
-        bound = self.state.graph_bound
+        bound = self.state.graph_bound + (4 if self.diagnose else 0)
         # Dynamo's recompile limit (8 by default) would end the process at the 9th shape; the
         # engine's own bound is the limit instead. fullgraph=True: past it Dynamo raises, never
         # falls back to eager (which would attend over the sharded cache un-rewritten).

@@ -71,7 +71,12 @@ def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
     return cfg
 
 
-def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+def tiny_model(
+    arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, linear_form: str = "linear", **overrides
+) -> torch.nn.Module:
+    """`linear_form`: how the model's projections are written (`LINEAR_FORMS`): 'linear' as HF
+    builds it, 'matmul' (`x @ W.T`), 'conv1d' (`addmm(b, x, W)` with W stored [in, out], GPT-2's
+    Conv1D); the same weights, so every form computes the same model."""
     cfg = tiny_config(arch, **overrides)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -81,4 +86,50 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **o
         for p in model.parameters():
             if p.dim() > 1:
                 torch.nn.init.normal_(p, std=0.2)
+    if linear_form not in LINEAR_FORMS:
+        raise ValueError(f"tiny_model: linear_form={linear_form!r}; expected one of {LINEAR_FORMS}")
+    if linear_form != "linear":
+        _rewrite_linears(model, linear_form)
     return model.eval()
+
+
+class MatmulLinear(torch.nn.Linear):
+    """A Linear subclass overriding `forward` (Dynamo records a matmul, not F.linear)."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y + self.bias if self.bias is not None else y
+
+
+class AddmmConv1D(torch.nn.Module):
+    """GPT-2's Conv1D form: the weight stored [in, out], applied with addmm on flattened rows."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.nf = linear.out_features
+        self.weight = torch.nn.Parameter(linear.weight.detach().t().contiguous())
+        self.bias = torch.nn.Parameter(
+            linear.bias.detach().clone() if linear.bias is not None else torch.zeros(self.nf, dtype=linear.weight.dtype)
+        )
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return out.view(x.shape[:-1] + (self.nf,))
+
+
+LINEAR_FORMS = ("linear", "matmul", "conv1d")
+
+
+def _rewrite_linears(model: torch.nn.Module, form: str) -> None:
+    """Every nn.Linear of the decoder layers (and, for 'matmul', the LM head, its weight object
+    kept so a tie to the embedding stays) rewritten into `form`."""
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not torch.nn.Linear or (form == "conv1d" and ".layers." not in f".{name}"):
+            continue
+        if form == "matmul":
+            new = MatmulLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+            new.weight, new.bias = mod.weight, mod.bias
+        else:
+            new = AddmmConv1D(mod)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, new)

@@ -163,13 +163,21 @@ def normalize_linears(gm: fx.GraphModule, names: dict[fx.Node, str] | None = Non
                 y = _call(g, "function", operator.add, (bias, lin))
         n.replace_all_uses_with(y)
         g.erase_node(n)
+        _erase_unused_views(g, w)
         done += 1
         _fold_following_bias(g, lin, biases)
-    if done:
-        g.eliminate_dead_code()
+    if done:  # (no eliminate_dead_code: it would drop the cache writes, in-place methods FX thinks pure)
         g.lint()
         gm.recompile()
     return done
+
+
+def _erase_unused_views(g: fx.Graph, node) -> None:
+    """Erase the weight views (transposes, casts, batch views) the rewrite left without users."""
+    while isinstance(node, fx.Node) and not node.users and (is_transpose(node) or is_cast(node) or is_batch_view(node)):
+        src = node.args[0]
+        g.erase_node(node)
+        node = src
 
 
 def _fold_following_bias(g: fx.Graph, lin: fx.Node, biases: set[fx.Node]) -> None:
