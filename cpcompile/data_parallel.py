@@ -102,6 +102,9 @@ def generation_settings(model, kwargs: dict) -> dict:
 def agree_on_settings(model, kwargs: dict, group=None) -> None:
     """Every rank must run `generate()` with the same settings (steps are taken in lockstep)."""
     mine = generation_settings(model, kwargs)
+    for k in ("logits_processor", "stopping_criteria"):  # the caller's own: by kind (objects don't compare)
+        if kwargs.get(k):
+            mine[k] = [type(p).__qualname__ for p in kwargs[k]]
     every: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, mine, group=group)
     diffs = sorted({k for s in every for k in set(s) | set(mine) if s.get(k) != mine.get(k)})

@@ -75,13 +75,15 @@ class ParallelState:
         """Graphs compiled so far (Dynamo hands each to the backend once)."""
         return len(self.backend.reports)
 
-    def check_inputs(self, ref: torch.Tensor) -> None:
-        """The ranks that must see the same inputs do: all ranks, or a replica's with dp_inputs='local'."""
+    def check_inputs(self, ref: torch.Tensor, position: int = 0) -> None:
+        """The ranks that must see the same inputs do: all ranks, or a replica's with dp_inputs='local'.
+        `position`: tokens the cache holds before this call (tells `generate()` a prompt from a token
+        the ranks generated; cpcompile/lockstep.py)."""
         o = self.options
         if o.dp == 1 or o.dp_inputs == "global":
-            check_same_inputs(ref, None)
+            check_same_inputs(ref, None, position)
         elif o.tp * o.cp > 1:
-            check_same_inputs(ref, self.groups.handles["replica"])
+            check_same_inputs(ref, self.groups.handles["replica"], position)
 
 
 def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prompt_length: int = 4) -> Analysis:

@@ -175,8 +175,9 @@ class Engine:
         if extra:
             raise ValueError(f"cpcompile: unsupported tensor argument(s) {sorted(extra)}; the forward takes {TOKEN_ARGS}, "
                              "inputs_embeds and a 2D attention_mask")
-        if st.rank is not None:
-            st.check_inputs(ref)
+        if st.rank is not None:  # before anything rank-dependent: ranks given different inputs must not hang
+            known = self.sessions[past] if past is not None and past in self.sessions else None
+            st.check_inputs(ref, known.seen if known is not None else 0)
         lay = self._row_layout(batch, length)
         session = self._session(past, lay, batch)
         if session.seen + length > st.max_length:
