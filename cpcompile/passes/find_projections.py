@@ -165,8 +165,9 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
         groups.append(group | o)
 
     # FFN windows: unassigned linears after layer i's o and before layer i+1's first projection.
-    starts = [min(order[n] for n in g) for g in groups] + [len(order)]
-    ends = [max(order[n] for n in g) for g in groups]
+    # (a site with no projection at all is bounded by its own attention; plan refuses to shard it)
+    starts = [min((order[n] for n in g), default=order[s.output]) for g, s in zip(groups, sites)] + [len(order)]
+    ends = [max((order[n] for n in g), default=order[s.output]) for g, s in zip(groups, sites)]
     lm_head = _lm_head(gm, linears, role)
     if lm_head is not None:
         role[lm_head] = ("lm_head", -1)
@@ -232,15 +233,22 @@ def _lm_head(gm: fx.GraphModule, linears: list[fx.Node], role: dict) -> fx.Node 
 def _feeds_product_directly(lin: fx.Node) -> bool:
     """True if `lin`'s output goes straight (dtype casts aside) into a product: the `up` of act(gate) * up."""
     n = lin
-    while len(n.users) == 1 and is_op(next(iter(n.users)), "to"):
-        n = next(iter(n.users))
+    while len(n.users) == 1 and (is_op(next(iter(n.users)), "to") or is_op(next(iter(n.users)), "reshape")):
+        n = next(iter(n.users))  # casts, and the view back to [B, T, I] of a Conv1D-style projection
     return len(n.users) == 1 and is_op(next(iter(n.users)), "mul")
+
+
+def _unviewed(x):
+    """`x` before reshapes/views (a Conv1D-style projection flattens its input to rows itself)."""
+    while is_op(x, "reshape"):
+        x = x.args[0]
+    return x
 
 
 def _ffn_roles(window: list[fx.Node]) -> dict[fx.Node, str]:
     if len(window) == 3:
         a, b, c = window
-        if a.args[0] is b.args[0] and _first_linears_forward(a) == {c} == _first_linears_forward(b):
+        if _unviewed(a.args[0]) is _unviewed(b.args[0]) and _first_linears_forward(a) == {c} == _first_linears_forward(b):
             # act(gate) * up: `up` feeds the product directly, `gate` through its activation
             if _feeds_product_directly(a) != _feeds_product_directly(b):
                 gate, up = (b, a) if _feeds_product_directly(a) else (a, b)

@@ -74,7 +74,7 @@ def is_batch_view(n: fx.Node) -> bool:
         if not (isinstance(src, fx.Node) and isinstance(val(src), torch.Tensor) and isinstance(val(n), torch.Tensor)):
             return False
         s, d = tuple(val(src).shape), tuple(val(n).shape)
-        return len(s) == 2 and len(d) == 3 and d[1:] == s
+        return len(s) in (2, 3) and len(d) == 3 and d[1:] == s[-2:] and all(k == 1 for k in s[:-2])
     return False
 
 

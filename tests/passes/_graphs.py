@@ -30,8 +30,8 @@ def capture_graph(fn, *args, **kwargs) -> torch.fx.GraphModule:
     return graphs[0]
 
 
-def hf_graph(arch: str, batch: int = 2, prompt: int = 5, max_length: int = 16):
-    model = tiny_model(arch)
+def hf_graph(arch: str, batch: int = 2, prompt: int = 5, max_length: int = 16, **model_kwargs):
+    model = tiny_model(arch, **model_kwargs)
     cache = KVCache(model.config.num_hidden_layers, max_length).allocate(model, batch)
     ids = torch.randint(3, 200, (batch, prompt), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, max_length, dtype=torch.long)

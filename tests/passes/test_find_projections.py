@@ -75,3 +75,29 @@ def test_names_by_identity_not_by_dynamo_source():
     assert all(p.weight in params for p in roles.projections)
     assert all(p.node.meta["cpcompile_weight"] == p.weight for p in roles.projections)
     assert {p.weight for p in roles.projections if p.role == "o"} == {f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)}
+
+
+def test_a_weight_shared_by_two_layers_gets_no_layer_role():
+    """Sharding a weight for one of its uses would break the others: a q_proj shared by both
+    layers is `shared` (replicated), and the plan then refuses tp > 1 for the layers without q."""
+    import torch
+
+    from cpcompile._hf import cache_arg
+    from cpcompile.cache import KVCache
+    from cpcompile.options import Options
+    from cpcompile.passes import analyze
+    from cpcompile.passes.plan import MeshError
+    from cpcompile.tiny import tiny_model
+    from tests.passes._graphs import capture_graph
+
+    model = tiny_model("llama")
+    model.model.layers[1].self_attn.q_proj = model.model.layers[0].self_attn.q_proj
+    ids = torch.ones(1, 4, dtype=torch.long)
+    gm = capture_graph(model.forward, input_ids=ids, attention_mask=torch.ones(1, 16, dtype=torch.long),
+                       **{cache_arg(model): KVCache(2, 16).allocate(model, 1)}, use_cache=True)
+    analysis = analyze(gm, Options(), weight_names(model, gm))
+    shared = [(p.role, p.layer) for p in analysis.roles.projections if p.weight == "model.layers.0.self_attn.q_proj.weight"]
+    assert shared == [("shared", -1), ("shared", -1)]
+    assert any("(shared): the weight is used in more than one place" in n for n in analysis.notes)
+    with pytest.raises(MeshError, match=r"layer 0: no q projection found"):
+        analyze(gm, Options(tp=2), weight_names(model, gm))
