@@ -407,14 +407,18 @@ def parse_mesh(s: str) -> tuple[int, int]:
     return int(tp), int(cp)
 
 
-def run_case(name: str, mesh: str, worlds: Worlds, timeout_s: float = CASE_TIMEOUT_S, world=None) -> dict:
-    """One (architecture, mesh) through assert_equivalent; the outcome, its reason, the time taken."""
+def run_case(name: str, mesh: str, worlds: Worlds | None, timeout_s: float = CASE_TIMEOUT_S, world=None) -> dict:
+    """One (architecture, mesh) through assert_equivalent; the outcome, its reason, the time taken.
+
+    `world`: a World of tp*cp ranks to use (tests pass their session's), else `worlds` provides
+    one; with neither, 1x1 runs in this process."""
     from cpcompile.testing import assert_equivalent
     from cpcompile.testing import equivalence
 
     tp, cp = parse_mesh(mesh)
+    world_timeout = equivalence.WORLD_TIMEOUT_S
     equivalence.WORLD_TIMEOUT_S = timeout_s  # a hung rank is torn down after this (read at call time)
-    w = world if world is not None else worlds.get(tp * cp)
+    w = world if world is not None or worlds is None else worlds.get(tp * cp)
     t0 = time.perf_counter()
     old = signal.signal(signal.SIGALRM, _alarm) if hasattr(signal, "SIGALRM") else None
     if old is not None:
@@ -426,7 +430,7 @@ def run_case(name: str, mesh: str, worlds: Worlds, timeout_s: float = CASE_TIMEO
                        ranks_bitwise_equal=r.ranks_bitwise_equal)
     except _CaseTimeout:
         outcome = dict(outcome="failed", reason=f"timeout: no answer within {timeout_s + 60:.0f} s")
-        if world is None:
+        if world is None and worlds is not None:
             worlds.restart(tp * cp)
     except Exception as e:  # noqa: BLE001 (every exception is an outcome to record)
         kind, reason = classify(e)
@@ -437,6 +441,7 @@ def run_case(name: str, mesh: str, worlds: Worlds, timeout_s: float = CASE_TIMEO
             tbs = getattr(e, "tracebacks", None)
             outcome["traceback"] = (min(tbs.items())[1] if tbs else "".join(traceback.format_exception(e)))[-6000:]
     finally:
+        equivalence.WORLD_TIMEOUT_S = world_timeout
         if old is not None:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)

@@ -1,0 +1,61 @@
+"""CI sample of `benchmarks/coverage.py` (docs/coverage.md): a few architectures from across
+transformers, each at the meshes listed, must give the outcome recorded here.
+
+The full sweep (every decoder-only causal LM transformers ships) is a command with its own time
+budget (`python benchmarks/coverage.py`, docs/coverage.md); this file runs ~10 of them in under
+4 minutes on a 2-core machine. The sample spans the outcomes: exact architectures of several
+families (Llama-style GQA, Gemma 2 softcaps + sliding window, Qwen3 q/k norms, Phi-3 fused
+qkv, GPT-NeoX partial rotary + parallel residual, GPT-2's Conv1D and BERT run as a decoder at
+tp2 x cp2), a refusal (DeepSeek-V3's MLA at tp > 1), and failures of cpcompile recorded as they
+are today (BLOOM's ALiBi, Mamba's state-space cache). The sweep itself uses a one-rank World for
+1x1; here 1x1 runs in this process (the suite's worlds are 2 and 4 ranks). When cpcompile improves, an outcome here
+changes: update the table (and docs/coverage.md) in the same commit. No case may be `wrong`.
+"""
+
+import os
+import sys
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # `benchmarks` is a directory of scripts, imported as a namespace package
+    sys.path.insert(0, _ROOT)
+
+from benchmarks import coverage  # noqa: E402
+
+# (architecture, mesh TPxCP) -> the outcome recorded by the sweep (docs/coverage.md).
+EXPECTED = {
+    ("llama", "1x1"): "exact",
+    ("qwen3", "1x1"): "exact",
+    ("gemma2", "1x1"): "exact",
+    ("phi3", "1x1"): "exact",
+    ("gpt_neox", "1x1"): "exact",
+    ("bert", "2x2"): "exact",
+    ("deepseek_v3", "1x1"): "exact",
+    ("deepseek_v3", "2x2"): "refused",
+    ("gpt2", "2x2"): "exact",
+    ("bloom", "1x1"): "failed",
+    ("mamba", "1x1"): "failed",
+}
+
+
+def test_sample_spans_the_outcomes():
+    outcomes = set(EXPECTED.values())
+    assert {"exact", "refused"} <= outcomes
+    assert len({a for a, _ in EXPECTED}) >= 10
+    assert "wrong" not in outcomes  # the goal: nothing silently wrong
+
+
+@pytest.mark.parametrize("arch,mesh", sorted(EXPECTED), ids=[f"{a}-{m}" for a, m in sorted(EXPECTED)])
+def test_outcome(arch, mesh, request):
+    assert coverage.check_reference(arch) is None, f"{arch}'s tiny config no longer builds"
+    tp, cp = coverage.parse_mesh(mesh)
+    world = request.getfixturevalue(f"world{tp * cp}") if tp * cp > 1 else None  # 1x1: in this process
+    r = coverage.run_case(arch, mesh, worlds=None, world=world, timeout_s=300)
+    assert r["outcome"] != "wrong", r.get("detail", r["reason"])
+    assert r["outcome"] == EXPECTED[arch, mesh], (
+        f"{arch} at {mesh}: {r['outcome']} ({r['reason']}); the table records {EXPECTED[arch, mesh]}. "
+        "If cpcompile changed this on purpose, update EXPECTED and docs/coverage.md."
+    )
+    if r["outcome"] == "exact":
+        assert r["max_abs_error"] <= 1e-4  # FP32_TOLERANCE.atol
