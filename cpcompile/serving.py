@@ -153,6 +153,9 @@ class Engine:
         for k, on in (("output_attentions", kwargs.get("output_attentions")), ("output_hidden_states", hidden and not self.diagnose)):
             if on:
                 raise ValueError(f"cpcompile: {k}=True is not supported (attention is rewritten and prefill is chunked)")
+        if kwargs.pop("return_dict", None) is False:
+            raise ValueError("cpcompile: return_dict=False is not supported; the forward returns a ModelOutput")
+        # (return_dict=True is the default: dropped, so generate()'s calls and others share graphs)
         past = pop_cache(kwargs)
         kind = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
         ref = kwargs.pop(kind, None)

@@ -49,7 +49,9 @@ def run_dp(arch, dp, tp, cp, ffn, dp_inputs, batch, prompt_len, new_tokens, comb
     else:
         graph_rows = bucket(rows, 16, "")
     want = _generate(ref, ids, mask, new_tokens)
-    parallelize(model, dp=dp, tp=tp, cp=cp, ffn=ffn, dp_inputs=dp_inputs, combine=combine, max_length=MAX_LENGTH, lowering=lowering)
+    # verify=False: the comparison with the reference is the stronger check; the graph count is generate()'s alone
+    parallelize(model, dp=dp, tp=tp, cp=cp, ffn=ffn, dp_inputs=dp_inputs, combine=combine, max_length=MAX_LENGTH, lowering=lowering,
+                verify=False)
     got = _generate(model, ids, mask, new_tokens)
     reports = model._cpcompile.backend.reports
     layer = output_cache(got).layers[0]

@@ -53,7 +53,8 @@ def run_parallel(arch, tp, cp, combine, kv_interleave, batch, prompt_len, new_to
     kv_single = KVCache(model.config.num_hidden_layers, MAX_LENGTH).allocate(ref, bucket(batch, 16, "")).kv_bytes()
     ids, mask = _prompts(batch, prompt_len)
     want = _generate(ref, ids, mask, new_tokens)
-    parallelize(model, tp=tp, cp=cp, combine=combine, kv_interleave=kv_interleave, max_length=MAX_LENGTH, lowering=lowering)
+    # verify=False: this test's comparison with the reference is the stronger check, and the graph count below is generate()'s alone
+    parallelize(model, tp=tp, cp=cp, combine=combine, kv_interleave=kv_interleave, max_length=MAX_LENGTH, lowering=lowering, verify=False)
     got = _generate(model, ids, mask, new_tokens)
     reports = model._cpcompile.backend.reports
     return dict(

@@ -51,7 +51,7 @@ def _generate(model, ids, mask, **kw):
 def test_greedy_generate_matches_hf(arch):
     model = tiny_model(arch)
     ref = copy.deepcopy(model)
-    parallelize(model, max_length=48, lowering="eager")
+    parallelize(model, max_length=48, lowering="eager", verify=False)  # graphs below: generate()'s alone
     ids, mask = _prompts()
     out = _generate(model, ids, mask, max_new_tokens=24, do_sample=False)
     want = _generate(ref, ids, mask, max_new_tokens=24, do_sample=False)
@@ -79,7 +79,7 @@ def test_inductor_lowering_and_seeded_sampling():
 def test_hundreds_of_new_tokens_without_recompiling():
     model = tiny_model("qwen3")
     ref = copy.deepcopy(model)
-    parallelize(model, max_length=320, lowering="eager")
+    parallelize(model, max_length=320, lowering="eager", verify=False)
     ids, mask = _prompts(batch=2, length=5, seed=5)
     out = _generate(model, ids, mask, max_new_tokens=300, do_sample=False, min_new_tokens=300)
     want = _generate(ref, ids, mask, max_new_tokens=300, do_sample=False, min_new_tokens=300)
