@@ -86,6 +86,15 @@ class ParallelState:
             check_same_inputs(ref, self.groups.handles["replica"], position)
 
 
+class CaptureError(ValueError):
+    """The model's forward cannot be traced the way cpcompile needs (one graph over a static cache)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prompt_length: int = 4) -> Analysis:
     """Trace `model`'s forward once (a short prompt into a fresh cpcompile cache) and analyse it."""
     params = param_names(model)
@@ -105,9 +114,15 @@ def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prom
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 # our own analysis refused the model (MeshError / AttentionError): raise that, unwrapped
                 raise e.inner_exception from None
-            except RuntimeError:
+            except RuntimeError as e:
                 if not holder:  # a real tracing failure; the marker op raising after capture is expected
-                    raise
+                    raise CaptureError(
+                        f"cpcompile: {type(model).__name__}.forward could not be traced as one graph over cpcompile's "
+                        f"preallocated KV cache (torch.compile fullgraph=True, static shapes): "
+                        f"{type(e).__name__}: {_first_line(e)}\ncpcompile needs the whole forward in one graph reading a "
+                        "static cache; this model's code does not allow it (for example it sizes a bias by the cache's "
+                        "length, as ALiBi does, or keeps a recurrent state beside the KV cache). Run it without cpcompile."
+                    ) from e
     finally:
         torch._dynamo.reset()
     return holder[0]

@@ -29,15 +29,25 @@ def _random_like(v, gen: torch.Generator):
     return torch.zeros(shape, dtype=dtype)
 
 
+PROBES = 8  # random points per column-support probe (see column_support)
+
+
 @torch.enable_grad()  # parallelize may be called under torch.no_grad()
 def column_support(src: fx.Node, dst: fx.Node, select: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Sorted indices c of `src`'s last dim such that `select(dst)` depends on `src[..., c]`."""
-    gen = torch.Generator().manual_seed(0)
-    x = _random_like(val(src), gen).requires_grad_(True)
-    out = _evaluate(src, dst, x, gen)
-    y = select(out)
-    (grad,) = torch.autograd.grad((y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum(), x)
-    used = grad.abs().reshape(-1, grad.shape[-1]).sum(0) != 0
+    """Sorted indices c of `src`'s last dim such that `select(dst)` depends on `src[..., c]`.
+
+    The gradient at one random point can be exactly zero where the dependency is real: a ReLU
+    (Arcee's relu^2 FFN) has zero slope at half of all inputs, so with the few rows of the captured
+    graph a column would be missed with probability 2^-rows, and a rank would silently lack it. The
+    union over `PROBES` independent points makes that 2^-(rows * PROBES)."""
+    used = None
+    for seed in range(PROBES):
+        gen = torch.Generator().manual_seed(seed)
+        x = _random_like(val(src), gen).requires_grad_(True)
+        y = select(_evaluate(src, dst, x, gen))
+        (grad,) = torch.autograd.grad((y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum(), x)
+        here = grad.abs().reshape(-1, grad.shape[-1]).sum(0) != 0
+        used = here if used is None else used | here
     return used.nonzero().flatten()
 
 

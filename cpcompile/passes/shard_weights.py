@@ -112,6 +112,16 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str =
             elif p.role == "o":
                 h0, h1 = heads["out"]
                 cols = forward_support(site.output, lin.args[0], lambda x: _heads_mask(x, h0, h1))
+                others = forward_support(site.output, lin.args[0], lambda x: ~_heads_mask(x, h0, h1))
+                mixed = sorted(set(cols.tolist()) & set(others.tolist()))
+                if mixed:  # e.g. a norm over all heads before o_proj (BitNet's attn_sub_norm)
+                    raise ValueError(
+                        f"cpcompile: layer {site.index}: {len(mixed)} of the {p.in_features} input features of {p.weight} (o) "
+                        f"depend on this rank's heads {h0}..{h1 - 1} and on other heads too (an op mixing the heads between "
+                        "attention and o_proj, such as a norm over the whole attention output). A row-parallel o_proj "
+                        "would then read a partial input: cpcompile cannot shard this layer's heads in this version. Run "
+                        "with tp = cp = 1 (and see cpcompile.explain)."
+                    )
                 shards[p.weight] = _shard(p, "row", group, cols)
             elif kind == "row":  # down / fc2 over the FFN group
                 size, r = mesh.size(group), group_rank(info, group)
