@@ -15,6 +15,8 @@ import statistics
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# every run compiles the same graphs: without this, later runs would hit Inductor's on-disk cache
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import torch  # noqa: E402
 
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="rows of the first generate() (2: the probe's bucket)")
     a = ap.parse_args()
     rows = {}
+    one(a.arch, a.lowering, False, a.batch)  # warm-up (imports, lazy initialisation), not counted
     for rep in range(a.reps):  # interleaved, so both settings see the same machine load
         for verify in (False, True):
             rows.setdefault(verify, []).append(one(a.arch, a.lowering, verify, a.batch))
