@@ -1,9 +1,10 @@
 """Coverage over all of transformers: which decoder-only causal LMs `parallelize` runs exactly.
 
-    python benchmarks/coverage.py                                   # every architecture, meshes 1x1,2x2
+    python benchmarks/coverage.py                                   # every architecture at 2x2, then at 1x1
     python benchmarks/coverage.py --arch llama,gpt2 --meshes 1x1,2x1,1x2,2x2 --json /tmp/cov.json
     python benchmarks/coverage.py --list                            # the selection and the skips, nothing run
-    python benchmarks/coverage.py --budget-s 5400                   # stop starting new cases after 90 min
+    python benchmarks/coverage.py --budget-s 5400                   # stop starting new cases after 90 min (default 3 h)
+    python benchmarks/coverage.py --markdown out.json               # docs/coverage.md's tables from a run's JSON
 
 Architectures: every key of transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, minus the ones the
 decoder-only rule skips (`skip_reason`, printed with the reason, never dropped silently):
@@ -78,9 +79,10 @@ MAX_NEW_TOKENS = 4
 LOWERING = "aot_eager"
 SEED = 0
 INIT_STD = 0.2
-DEFAULT_MESHES = "1x1,2x2"
+DEFAULT_MESHES = "2x2,1x1"  # mesh-major: 2x2 (tp and cp together) for every architecture first
 ALL_MESHES = "1x1,2x1,1x2,2x2"
 CASE_TIMEOUT_S = 600.0
+BUDGET_S = 10800.0  # the full sweep's budget: 3 h (docs/coverage.md: ~165 architectures x 1x1 + 2x2 on 2 cores)
 MAX_PARAMS = 20_000_000  # a tiny config has well under 1M  # one (architecture, mesh): reference + every rank's compile and 4 steps
 
 # ----------------------------------------------------------------------------- selection
@@ -295,7 +297,7 @@ def _verification_error():
     return _VerificationError
 
 
-_REFUSALS = ("MeshError", "AttentionError", "TokenSplitError")
+_REFUSALS = ("MeshError", "AttentionError", "TokenSplitError", "CaptureError")
 _PASS_PREFIXES = ("cpcompile", "parallelize", "find_attention", "find_projections", "plan", "shard_weights",
                   "rewrite_attention", "shard_linears", "gather_replicas", "split_tokens", "normalize_linears",
                   "probe", "layout", "KVCache", "attention #")
@@ -460,31 +462,29 @@ def _normalize(reason: str) -> str:
     """A reason with numbers and layer/node names blurred, so the same cause groups together."""
     r = re.sub(r"attention #\d+", "attention #N", reason)
     r = re.sub(r"\b\d+(\.\d+)?\b", "N", r)
-    r = re.sub(r"'[^']*'", "'…'", r)
     return r[:200]
 
 
-def summarize(results: list[dict], meshes: list[str], archs: list[Arch]) -> dict:
-    swept = [a.name for a in archs if a.skip is None]
+def summarize(results: list[dict], meshes: list[str], swept: list[str]) -> dict:
+    """Totals per mesh, the share exact (per mesh, and at every mesh among the architectures run at
+    every mesh), and the reasons for the rest, most common first (over every case run)."""
     by_arch = collections.defaultdict(dict)
     for r in results:
         by_arch[r["arch"]][r["mesh"]] = r
     totals = {m: collections.Counter(by_arch[a][m]["outcome"] for a in swept if m in by_arch[a]) for m in meshes}
     complete = [a for a in swept if all(m in by_arch[a] for m in meshes)]
     exact_all = [a for a in complete if all(by_arch[a][m]["outcome"] == "exact" for m in meshes)]
-    reasons = collections.Counter()
-    example = {}
-    for a in complete:
-        for m in meshes:
-            r = by_arch[a][m]
-            if r["outcome"] != "exact":
-                key = (r["outcome"], _normalize(r["reason"]))
-                reasons[key] += 1
-                example.setdefault(key, set()).add(a)
+    reasons, example = collections.Counter(), {}
+    for r in results:
+        if r["outcome"] != "exact":
+            key = (r["outcome"], _normalize(r["reason"]))
+            reasons[key] += 1
+            example.setdefault(key, set()).add(r["arch"])
     top = [dict(outcome=k[0], reason=k[1], cases=n, architectures=sorted(example[k])) for k, n in reasons.most_common()]
+    share = {m: (totals[m]["exact"] / sum(totals[m].values())) if sum(totals[m].values()) else 0.0 for m in meshes}
     return dict(swept=len(swept), complete=len(complete), exact_all_meshes=len(exact_all),
-                share_exact=(len(exact_all) / len(complete)) if complete else 0.0, exact_architectures=exact_all,
-                totals={m: dict(totals[m]) for m in meshes}, reasons=top)
+                share_exact=(len(exact_all) / len(complete)) if complete else 0.0, share_exact_per_mesh=share,
+                exact_architectures=exact_all, totals={m: dict(totals[m]) for m in meshes}, reasons=top)
 
 
 def print_table(results: list[dict], meshes: list[str], archs: list[Arch], summary: dict, out=sys.stdout) -> None:
@@ -514,10 +514,54 @@ def print_table(results: list[dict], meshes: list[str], archs: list[Arch], summa
     print(file=out)
     print(f"exact at every mesh: {summary['exact_all_meshes']} of {summary['complete']} architectures run at every mesh "
           f"({100 * summary['share_exact']:.0f}%); {summary['swept']} swept", file=out)
+    print("exact per mesh: " + ", ".join(f"{m} {100 * v:.0f}% of {sum(summary['totals'][m].values())} run"
+                                         for m, v in summary["share_exact_per_mesh"].items()), file=out)
     print("top reasons for the rest (outcome, cases, reason, architectures):", file=out)
     for r in summary["reasons"][:15]:
         names = ", ".join(r["architectures"][:8]) + (" ..." if len(r["architectures"]) > 8 else "")
         print(f"  {r['outcome']:<8} {r['cases']:>3}  {r['reason'][:150]}  [{names}]", file=out)
+
+
+_USER_FRAME = re.compile(r'File "[^"]*/(transformers/[^"]+|cpcompile/[^"]+)", line (\d+), in (\w+)')
+
+
+def where(result: dict) -> str:
+    """The innermost transformers/cpcompile frame of a failure's traceback: 'models/bloom/modeling_bloom.py:271 forward'."""
+    frames = _USER_FRAME.findall(result.get("traceback", ""))
+    if not frames:
+        return ""
+    path, line, fn = frames[-1]
+    return f"{path.removeprefix('transformers/')}:{line} {fn}"
+
+
+def markdown(data: dict) -> str:
+    """docs/coverage.md's table, totals and reasons, from a --json file."""
+    meshes, results = data["meshes"], data["results"]
+    by = {(r["arch"], r["mesh"]): r for r in results}
+    archs = data.get("swept") or sorted({r["arch"] for r in results})
+    s = summarize(results, meshes, archs)
+    out = ["| architecture | " + " | ".join(meshes) + " | first non-exact reason |", "|---|" + "---|" * len(meshes) + "---|"]
+    for a in archs:
+        cells, first = [], ""
+        for m in meshes:
+            r = by.get((a, m))
+            o = r["outcome"] if r else "not_run"
+            cells.append("**WRONG**" if o == "wrong" else SHORT[o])
+            if r and o != "exact" and not first:
+                w = where(r) if o in ("failed", "caught") else ""
+                first = f"[{m}] {r['reason'][:160]}" + (f" (at `{w}`)" if w else "")
+        out.append(f"| {a} | " + " | ".join(cells) + f" | {first.replace('|', '/')} |")
+    out += ["", "| outcome | " + " | ".join(meshes) + " |", "|---|" + "---|" * len(meshes)]
+    for o in OUTCOMES:
+        out.append(f"| {o} | " + " | ".join(str(s["totals"].get(m, {}).get(o, 0)) for m in meshes) + " |")
+    out.append("| not run (budget) | " + " | ".join(
+        str(s["swept"] - sum(s["totals"].get(m, {}).values())) for m in meshes) + " |")
+    out += ["", "| outcome | cases | reason (numbers blurred) | architectures |", "|---|---|---|---|"]
+    for r in s["reasons"][:25]:
+        out.append(f"| {r['outcome']} | {r['cases']} | {r['reason'][:160].replace('|', '/')} | {', '.join(r['architectures'])} |")
+    out += ["", "Skipped by the decoder-only rule:", ""]
+    out += [f"- {a}: {why}" for a, why in sorted(data["skipped"].items())]
+    return "\n".join(out) + "\n"
 
 
 def _versions() -> dict:
@@ -543,10 +587,16 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="", help="comma-separated model_type keys (default: every swept architecture)")
     p.add_argument("--meshes", default=DEFAULT_MESHES, help=f"TPxCP list (default {DEFAULT_MESHES}; all: {ALL_MESHES})")
     p.add_argument("--json", default="", help="write every result here")
-    p.add_argument("--budget-s", type=float, default=0.0, help="stop starting new cases after this many seconds (0: none)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S,
+                   help=f"stop starting new cases after this many seconds (default {BUDGET_S:.0f}; 0: none)")
     p.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S)
     p.add_argument("--list", action="store_true", help="print the selection and the skips; run nothing")
+    p.add_argument("--markdown", default="", help="print docs/coverage.md's tables from this --json file; run nothing")
     args = p.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)), end="")
+        return 0
 
     torch._dynamo.config.cache_size_limit = 64
     meshes = [m.strip() for m in args.meshes.split(",") if m.strip()]
@@ -571,11 +621,12 @@ def main(argv=None) -> int:
 
     def dump():
         if args.json:
-            summary = summarize(results, meshes, archs)
+            summary = summarize(results, meshes, [a.name for a in archs if a.skip is None])
             with open(args.json, "w") as f:
                 json.dump(dict(versions=versions, meshes=meshes, lowering=LOWERING, prompts=PROMPTS,
                                max_new_tokens=MAX_NEW_TOKENS, seconds=round(time.perf_counter() - t_start, 1),
                                budget_s=args.budget_s, skipped={a.name: a.skip for a in archs if a.skip},
+                               swept=[a.name for a in archs if a.skip is None],
                                summary=summary, results=results), f, indent=1)
 
     # Mesh-major: every architecture at the first mesh, then at the next, so that a budget that
@@ -602,7 +653,7 @@ def main(argv=None) -> int:
                 dump()
     finally:
         worlds.close()
-    summary = summarize(results, meshes, archs)
+    summary = summarize(results, meshes, [a.name for a in archs if a.skip is None])
     print()
     print_table(results, meshes, archs, summary)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
