@@ -246,4 +246,11 @@ def kv_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, torch.dtype]]
     with torch.no_grad():
         probe = DynamicCache(config=model.config)
         model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), **{cache_arg(model): probe}, use_cache=True)
+    other = sorted({type(l).__name__ for l in probe.layers if not isinstance(getattr(l, "keys", None), torch.Tensor)})
+    if other:  # a recurrent / linear-attention / conv state: nothing cpcompile can shard or rewrite
+        raise ValueError(
+            f"cpcompile: {type(model).__name__} keeps layer state that is not a key/value cache ({', '.join(other)}: "
+            "state-space, linear-attention or convolution layers); cpcompile serves attention-only decoders with a "
+            "KV cache. Run this model without cpcompile."
+        )
     return [(l.keys.shape[1], l.keys.shape[-1], l.values.shape[-1], l.keys.dtype) for l in probe.layers]
