@@ -21,9 +21,9 @@ import triton.language as tl
 # TRITON_INTERPRET=1 was set, and torch._dynamo imports triton early; the interpreter also
 # recognises these combine functions and reduces with numpy. Same code on the GPU.
 
-LOG2E: tl.constexpr = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
-LN2: tl.constexpr = 0.6931471805599453  # log(x) = log2(x) * LN2
-NEG_INF: tl.constexpr = float("-inf")
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # log(x) = log2(x) * LN2
+NEG_INF = tl.constexpr(float("-inf"))  # instances, not annotations: the compiler reads only these
 
 
 @triton.jit
