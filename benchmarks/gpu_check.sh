@@ -7,7 +7,7 @@
 #     benchmarks/gpu_check.sh                 # results in $OUT (default ./gpu_out)
 #     GPU_CHECK_BUDGET_S=300 benchmarks/gpu_check.sh
 #
-# Uses the machine's own torch and triton. Wheels in ./wheels/ (transformers, and pytest /
+# Uses the machine's own torch and triton, through python3 (or $PYTHON). Wheels in ./wheels/ (transformers, and pytest /
 # hypothesis if the machine lacks them) are installed with --no-deps --no-index first.
 # A failing step is reported and the next one still runs; the exit status is nonzero if any
 # step failed, timed out or was skipped.
@@ -21,6 +21,8 @@ START=$(date +%s)
 unset TRITON_INTERPRET  # the real kernels, never the interpreter
 export CI=true  # derandomized hypothesis: a failure reproduces with the same command
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # cpcompile from this checkout, not installed
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 
 STEPS=()  # "name|status|seconds"
 FAILED=0
@@ -58,11 +60,11 @@ wheels=(wheels/*.whl)
 shopt -u nullglob
 if ((${#wheels[@]})); then
     echo "=== installing ${#wheels[@]} wheel(s) from ./wheels (--no-deps --no-index)"
-    python -m pip install --no-deps --no-index --quiet "${wheels[@]}" || echo "wheel install failed; using what is installed"
+    "$PY" -m pip install --no-deps --no-index --quiet "${wheels[@]}" || echo "wheel install failed; using what is installed"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/nvidia_smi.txt" || true
 HAS_CUDA=0
-python - <<'EOF' 2>&1 | tee "$OUT/environment.txt" && HAS_CUDA=1 || true
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/environment.txt" && HAS_CUDA=1 || true
 import importlib, sys
 import torch
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.version.cuda}")
@@ -75,22 +77,24 @@ assert torch.cuda.is_available(), "no CUDA device visible to torch"
 print(f"device: {torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 EOF
 XDIST=()
-python -c "import xdist" 2>/dev/null && XDIST=(-n 8)  # parallel Triton compiles on a 16-core host
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)  # parallel Triton compiles on a 16-core host
 
 if ((HAS_CUDA)); then
     # --- 1. kernel tests on CUDA: kernel_testing.DEVICE is "cuda" when torch sees a GPU -----
-    run_step kernel_tests 180 python -m pytest tests/kernels -q -p no:cacheprovider "${XDIST[@]}" \
+    run_step kernel_tests 150 "$PY" -m pytest tests/kernels -q -p no:cacheprovider "${XDIST[@]}" \
         -rfE --durations=10 --junitxml="$OUT/kernel_tests.xml"
     # --- 2. attention benchmark: the filled table first, so a slow sweep cannot lose it -----
-    run_step bench_attention_filled 50 python benchmarks/bench_attention.py --device cuda --table filled \
+    run_step bench_attention_filled 45 "$PY" benchmarks/bench_attention.py --device cuda --table filled \
         --json "$OUT/bench_attention_filled.json"
-    run_step bench_attention_shapes 80 python benchmarks/bench_attention.py --device cuda --table shapes \
+    run_step bench_attention_shapes 75 "$PY" benchmarks/bench_attention.py --device cuda --table shapes \
         --warmup 5 --iters 20 --json "$OUT/bench_attention_shapes.json"
-    # --- 3. decode benchmark on CUDA (compile-dominated: fewer reps and steps) -------------
-    run_step bench_decode 150 python benchmarks/bench_decode.py --device cuda --reps 2 --steps 16 \
+    # --- 3. launch-parameter sweep: what the heuristic leaves on the table on this device --
+    run_step tune_attention 70 "$PY" benchmarks/tune_attention.py --json "$OUT/tune_attention.json"
+    # --- 4. decode benchmark on CUDA (compile-dominated: fewer reps and steps) -------------
+    run_step bench_decode 120 "$PY" benchmarks/bench_decode.py --device cuda --reps 2 --steps 16 \
         --json "$OUT/bench_decode.json"
 else
-    for name in kernel_tests bench_attention_filled bench_attention_shapes bench_decode; do
+    for name in kernel_tests bench_attention_filled bench_attention_shapes tune_attention bench_decode; do
         STEPS+=("$name|SKIPPED (no CUDA)|0")
     done
     FAILED=1
@@ -105,7 +109,7 @@ fi
         printf '  %-24s %-28s %4ss\n' "$name" "$status" "$secs"
     done
     [[ -f "$OUT/kernel_tests.log" ]] && echo "  kernel tests: $(grep -E '(passed|failed|error)' "$OUT/kernel_tests.log" | tail -1)"
-    python - "$OUT" <<'EOF' || true
+    "$PY" - "$OUT" <<'EOF' || true
 import json, os, sys
 out = sys.argv[1]
 def load(name):
@@ -122,6 +126,13 @@ if shapes and "worst_fraction" in shapes.get("summary", {}):
     s = shapes["summary"]
     print(f"  S sweep: worst {s['worst_fraction']:.1%} of copy bw for S >= {s['target_min_S']} "
           f"(target {s['target_fraction']:.0%}: {'MET' if s['met'] else 'NOT MET'})")
+tune = load("tune_attention.json")
+if tune:
+    ok = sorted((r for r in tune["results"] if "worst_fraction" in r), key=lambda r: -r["worst_fraction"])
+    bad = [r["config"] for r in tune["results"] if "error" in r]
+    if ok:
+        print(f"  tune: best {ok[0]['config']} at worst {ok[0]['worst_fraction']:.1%} of copy bw; auto "
+              f"{tune['results'][0].get('worst_fraction', float('nan')):.1%}; failed configs: {bad or 'none'}")
 decode = load("bench_decode.json")
 if decode:
     for name, c in decode["contenders"].items():

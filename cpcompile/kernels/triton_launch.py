@@ -61,11 +61,12 @@ def choose_num_splits(num_blocks: int, programs_per_split: int, sms: int) -> int
 
 
 def attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None, filled=None,
-                       *, num_splits=None, block_n=None, block_m=None):
+                       *, num_splits=None, block_n=None, block_m=None, num_warps=None, num_stages=None):
     """Triton attention-with-LSE; same contract as ``torch.ops.cpcompile.attention_with_lse``.
 
-    ``num_splits``/``block_n``/``block_m`` override the heuristics (tests use them to force
-    several splits and M tiles on small shapes).
+    ``num_splits``/``block_n``/``block_m``/``num_warps``/``num_stages`` override the heuristics
+    (tests use them to force several splits and M tiles on small shapes;
+    ``benchmarks/tune_attention.py`` sweeps them on a GPU).
 
     ``filled`` never changes the grid: splits are sized for all S slots and the kernel reads
     ``filled[b]`` on the device to cut each program's KV range (no host sync; graph-safe).
@@ -118,7 +119,7 @@ def attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mas
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         WRITE_STATE=splits > 1,
-        num_warps=4, num_stages=1 if _interpreted() else 3,
+        num_warps=num_warps or 4, num_stages=num_stages or (1 if _interpreted() else 3),
     )
     if splits > 1:
         _merge_into(o_part, lse_part, o, lse, l=l_part)
