@@ -76,7 +76,7 @@ class Case:
 def make_case(
     B=2, Hkv=2, G=2, Lq=1, S=40, Dk=16, Dv=16, dtype=torch.float32, *, seed=0,
     positions="decode", cp=1, cp_rank=0, kv_interleave=1, empty_slots=0,
-    mask=None, softcap=0.0, window=0, strided=False, device=DEVICE,
+    mask=None, softcap=0.0, window=0, strided=False, filled=None, device=DEVICE,
 ) -> Case:
     """Random q/k/v in ``dtype`` on ``device`` with consistent positions.
 
@@ -86,6 +86,8 @@ def make_case(
     interleave rule; the last ``empty_slots`` are unwritten (pos -1). ``mask``: None,
     "bool" (left padding per row, plus random holes), "additive" (0 / finfo.min / -inf).
     ``strided``: k/v are slices of a larger cache buffer and q comes from a transpose.
+    ``filled``: [B] live-slot counts (any int dtype, out-of-range values allowed); the slots
+    past them are invisible to the additive mask's finfo.min rule as well.
     """
     g = torch.Generator().manual_seed(seed)
     Hq = Hkv * G
@@ -123,11 +125,14 @@ def make_case(
             # such rows get -inf instead and finfo.min is used where a real slot remains.
             pq, pk = pos_q[:, :, None], pos_kv[:, None, :]
             by_pos = (pk >= 0) & (pk <= pq) & ((pq - pk < window) if window > 0 else True)
+            if filled is not None:  # a row whose live slots all carry finfo.min is just as ambiguous
+                live = torch.arange(S)[None, :] < filled.cpu().clamp(0, S).long()[:, None]  # [B, S]
+                by_pos = by_pos & live[:, None, :]
             row_ok = (by_pos & visible).any(-1, keepdim=True)  # [B, Lq, 1]
             hidden = torch.where(row_ok, torch.finfo(dtype).min, float("-inf"))
             bias = torch.where(visible, torch.randn(B, Lq, S, generator=g), hidden)
             m = bias.to(dtype)
     return Case(
         q, k, v, pos_q.to(device), pos_kv.to(device), 1.0 / math.sqrt(Dk), softcap, window,
-        None if m is None else m.to(device),
+        None if m is None else m.to(device), filled,
     )

@@ -266,15 +266,13 @@ def filled_rows(draw, B, S):
 
 @given(params=cases(), data=st.data())
 def test_torch_filled_matches_reference(params, data):
-    case = make_case(**params)
-    case.filled = data.draw(filled_rows(params["B"], params["S"]), label="filled")
+    case = make_case(**params, filled=data.draw(filled_rows(params["B"], params["S"]), label="filled"))
     run_and_check("torch", case, params["dtype"], what=f"filled={case.filled.tolist()} {params}")
 
 
 @given(params=cases(), data=st.data(), splits=st.integers(2, 5))
 def test_triton_filled_matches_reference(params, data, splits):
-    case = make_case(**params)
-    case.filled = data.draw(filled_rows(params["B"], params["S"]), label="filled")
+    case = make_case(**params, filled=data.draw(filled_rows(params["B"], params["S"]), label="filled"))
     p = params
     # Forced tiles and splits when the interpreter can afford them: splits past the live
     # prefix write the empty state and must merge to exactly nothing.
