@@ -297,7 +297,7 @@ def _verification_error():
     return _VerificationError
 
 
-_REFUSALS = ("MeshError", "AttentionError", "TokenSplitError", "CaptureError")
+_REFUSALS = ("MeshError", "AttentionError", "TokenSplitError", "CaptureError", "ProbeError")
 _PASS_PREFIXES = ("cpcompile", "parallelize", "find_attention", "find_projections", "plan", "shard_weights",
                   "rewrite_attention", "shard_linears", "gather_replicas", "split_tokens", "normalize_linears",
                   "probe", "layout", "KVCache", "attention #")

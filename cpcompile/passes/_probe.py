@@ -84,10 +84,23 @@ def _evaluate(src: fx.Node, dst: fx.Node, x: torch.Tensor, gen: torch.Generator)
         kwargs = fx.node.map_aggregate(n.kwargs, load)
         args = tuple(torch.float64 if isinstance(a, torch.dtype) and a.is_floating_point else a for a in args)
         kwargs = {k: (torch.float64 if isinstance(v, torch.dtype) and v.is_floating_point else v) for k, v in kwargs.items()}
-        if n.op == "call_function":
-            env[n] = n.target(*args, **kwargs)
-        elif n.op == "call_method":
-            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-        else:
-            raise ValueError(f"probe: cannot evaluate {n.op} node {n.name} on the path")
+        if n.op not in ("call_function", "call_method"):
+            raise ProbeError(f"probe: cannot evaluate {n.op} node {n.name} on the path from {src.name} to {dst.name}")
+        try:
+            env[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
+        except (RuntimeError, IndexError, ValueError) as e:
+            # Sizes or indices fixed at capture from the traced values (a router's split sizes, a
+            # gather by routed expert) do not hold for other values: the layout between src and dst
+            # depends on the data, and no static sharding of it can be exact.
+            raise ProbeError(
+                f"probe: the path from {src.name} to {dst.name} depends on the data, not only on shapes: "
+                f"{n.name} ({getattr(n.target, '__name__', n.target)}) fails on values other than the traced ones "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). This is what routed projections look like "
+                "(mixture-of-experts FFNs or attention heads, whose split sizes come from the router); cpcompile "
+                "cannot shard them in this version"
+            ) from e
     return env[dst]
+
+
+class ProbeError(ValueError):
+    """The subgraph between two nodes cannot be probed on random values (its layout depends on data)."""

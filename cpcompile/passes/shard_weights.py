@@ -27,7 +27,7 @@ import torch
 from cpcompile.distributed import RankInfo
 from cpcompile.kernels.layout import kv_head_range
 
-from cpcompile.passes._probe import column_support, forward_support
+from cpcompile.passes._probe import ProbeError, column_support, forward_support
 from cpcompile.passes.find_projections import _new_kv
 from cpcompile.passes.plan import placement_for
 
@@ -76,7 +76,7 @@ def group_rank(info: RankInfo, group: str) -> int:
 
 
 def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str = "tp") -> dict[str, WeightShard]:
-    from cpcompile.passes.plan import FFN_ROLES, Mesh
+    from cpcompile.passes.plan import Mesh
 
     mesh = Mesh(info.tp, info.cp, info.dp, combine, ffn)
     shards: dict[str, WeightShard] = {}
@@ -84,60 +84,69 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str =
     for p in analysis.roles.projections:
         by_layer.setdefault(p.layer, []).append(p)
     for site in analysis.sites:
-        d = site.dims
-        heads = head_ranges(info, d["Hq"], combine)
-        kv0, kv1 = kv_head_range(d["Hkv"], info.tp, info.tp_rank)
-        new_k, new_v = _new_kv(site)
-        layer = by_layer.get(site.index, [])
-        ffn_row = None
-        for p in layer:
-            placement = placement_for(p.role, mesh)
-            if placement == "replicate":
-                continue
-            kind, group = ("row" if placement.startswith("row") else "column"), placement.split("/")[-1]
-            lin = p.node
-            if kind == "column" and p.role not in FFN_ROLES:
-                cols = []
-                if "q" in p.role:
-                    cols.append(column_support(lin, site.query, lambda t: t[:, heads["tp"][0] : heads["tp"][1]]))
-                if "k" in p.role and p.role != "kv_up":
-                    cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_k]
-                if "v" in p.role and p.role != "kv_up":
-                    cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_v]
-                if p.role == "kv_up":  # MLA: the cache-side up-projection makes this rank's K/V heads
-                    cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in (site.key, site.value)]
-                if not cols:
-                    raise ValueError(f"shard_weights: {p.weight} ({p.role}) has no column rule")
-                shards[p.weight] = _shard(p, kind, group, torch.cat(cols).unique())
-            elif p.role == "o":
-                h0, h1 = heads["out"]
-                cols = forward_support(site.output, lin.args[0], lambda x: _heads_mask(x, h0, h1))
-                others = forward_support(site.output, lin.args[0], lambda x: ~_heads_mask(x, h0, h1))
-                mixed = sorted(set(cols.tolist()) & set(others.tolist()))
-                if mixed:  # e.g. a norm over all heads before o_proj (BitNet's attn_sub_norm)
-                    raise ValueError(
-                        f"cpcompile: layer {site.index}: {len(mixed)} of the {p.in_features} input features of {p.weight} (o) "
-                        f"depend on this rank's heads {h0}..{h1 - 1} and on other heads too (an op mixing the heads between "
-                        "attention and o_proj, such as a norm over the whole attention output). A row-parallel o_proj "
-                        "would then read a partial input: cpcompile cannot shard this layer's heads in this version. Run "
-                        "with tp = cp = 1 (and see cpcompile.explain)."
-                    )
-                shards[p.weight] = _shard(p, "row", group, cols)
-            elif kind == "row":  # down / fc2 over the FFN group
-                size, r = mesh.size(group), group_rank(info, group)
-                per = p.in_features // size
-                cols = torch.arange(r * per, (r + 1) * per)
-                shards[p.weight] = _shard(p, "row", group, cols)
-                ffn_row = (p, r * per, (r + 1) * per)
-        for p in layer:  # FFN column shards: the columns that feed this rank's chunk of down's input
-            placement = placement_for(p.role, mesh)
-            if p.role in FFN_ROLES and "column" in placement:
-                if ffn_row is None:
-                    raise ValueError(f"shard_weights: {p.weight} ({p.role}) is column-parallel but layer {site.index} has no down/fc2")
-                down, c0, c1 = ffn_row
-                cols = column_support(p.node, down.node.args[0], lambda t: t[..., c0:c1])
-                shards[p.weight] = _shard(p, "column", placement.split("/")[-1], cols)
+        try:
+            _shard_site(shards, site, by_layer.get(site.index, []), info, mesh, combine)
+        except ProbeError as e:
+            raise ProbeError(f"cpcompile: layer {site.index}: {e}. Run with tp = cp = 1 (see cpcompile.explain).") from e
     return shards
+
+
+def _shard_site(shards: dict[str, WeightShard], site, layer: list, info: RankInfo, mesh, combine: str) -> None:
+    """The shards of one attention site's projections and of its layer's FFN, into `shards`."""
+    from cpcompile.passes.plan import FFN_ROLES
+
+    d = site.dims
+    heads = head_ranges(info, d["Hq"], combine)
+    kv0, kv1 = kv_head_range(d["Hkv"], info.tp, info.tp_rank)
+    new_k, new_v = _new_kv(site)
+    ffn_row = None
+    for p in layer:
+        placement = placement_for(p.role, mesh)
+        if placement == "replicate":
+            continue
+        kind, group = ("row" if placement.startswith("row") else "column"), placement.split("/")[-1]
+        lin = p.node
+        if kind == "column" and p.role not in FFN_ROLES:
+            cols = []
+            if "q" in p.role:
+                cols.append(column_support(lin, site.query, lambda t: t[:, heads["tp"][0] : heads["tp"][1]]))
+            if "k" in p.role and p.role != "kv_up":
+                cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_k]
+            if "v" in p.role and p.role != "kv_up":
+                cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_v]
+            if p.role == "kv_up":  # MLA: the cache-side up-projection makes this rank's K/V heads
+                cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in (site.key, site.value)]
+            if not cols:
+                raise ValueError(f"shard_weights: {p.weight} ({p.role}) has no column rule")
+            shards[p.weight] = _shard(p, kind, group, torch.cat(cols).unique())
+        elif p.role == "o":
+            h0, h1 = heads["out"]
+            cols = forward_support(site.output, lin.args[0], lambda x: _heads_mask(x, h0, h1))
+            others = forward_support(site.output, lin.args[0], lambda x: ~_heads_mask(x, h0, h1))
+            mixed = sorted(set(cols.tolist()) & set(others.tolist()))
+            if mixed:  # e.g. a norm over all heads before o_proj (BitNet's attn_sub_norm)
+                raise ValueError(
+                    f"cpcompile: layer {site.index}: {len(mixed)} of the {p.in_features} input features of {p.weight} (o) "
+                    f"depend on this rank's heads {h0}..{h1 - 1} and on other heads too (an op mixing the heads between "
+                    "attention and o_proj, such as a norm over the whole attention output). A row-parallel o_proj "
+                    "would then read a partial input: cpcompile cannot shard this layer's heads in this version. Run "
+                    "with tp = cp = 1 (and see cpcompile.explain)."
+                )
+            shards[p.weight] = _shard(p, "row", group, cols)
+        elif kind == "row":  # down / fc2 over the FFN group
+            size, r = mesh.size(group), group_rank(info, group)
+            per = p.in_features // size
+            cols = torch.arange(r * per, (r + 1) * per)
+            shards[p.weight] = _shard(p, "row", group, cols)
+            ffn_row = (p, r * per, (r + 1) * per)
+    for p in layer:  # FFN column shards: the columns that feed this rank's chunk of down's input
+        placement = placement_for(p.role, mesh)
+        if p.role in FFN_ROLES and "column" in placement:
+            if ffn_row is None:
+                raise ValueError(f"shard_weights: {p.weight} ({p.role}) is column-parallel but layer {site.index} has no down/fc2")
+            down, c0, c1 = ffn_row
+            cols = column_support(p.node, down.node.args[0], lambda t: t[..., c0:c1])
+            shards[p.weight] = _shard(p, "column", placement.split("/")[-1], cols)
 
 
 def _shard(p, kind: str, group: str, cols: torch.Tensor) -> WeightShard:
