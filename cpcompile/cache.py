@@ -245,7 +245,17 @@ def kv_shapes(model: torch.nn.Module) -> list[tuple[int, int, int, torch.dtype]]
     device = next(model.parameters()).device
     with torch.no_grad():
         probe = DynamicCache(config=model.config)
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), **{cache_arg(model): probe}, use_cache=True)
+        try:
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), **{cache_arg(model): probe}, use_cache=True)
+        except (ValueError, TypeError) as e:
+            if "cache" not in str(e).lower():
+                raise
+            # MiniMax: "uses cache of its own and is not compatible with `cache` of type DynamicCache"
+            raise ValueError(
+                f"cpcompile: {type(model).__name__} refuses a transformers Cache ({str(e).splitlines()[0][:200]}). "
+                "It keeps a cache class of its own, which cpcompile cannot replace with its sharded KV cache. "
+                "Run this model without cpcompile."
+            ) from e
     other = sorted({type(l).__name__ for l in probe.layers if not isinstance(getattr(l, "keys", None), torch.Tensor)})
     if other:  # a recurrent / linear-attention / conv state: nothing cpcompile can shard or rewrite
         raise ValueError(

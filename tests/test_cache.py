@@ -39,3 +39,24 @@ def test_reading_the_cache_outside_cpcompile_is_an_error():
 def test_bad_cache_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         KVCache(2, **kwargs)
+
+
+class _OwnCacheModel(torch.nn.Module):
+    """Refuses a transformers Cache the way MiniMax does (it keeps a MiniMaxCache of its own)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import LlamaConfig
+
+        self.config = LlamaConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=8)
+        self.embed = torch.nn.Embedding(8, 16)
+
+    def forward(self, input_ids, past_key_values=None, use_cache=None):
+        raise ValueError(f"Own uses cache of its own and is not compatible with `cache` of type {type(past_key_values)}.")
+
+
+def test_a_model_with_its_own_cache_class_is_refused_by_name():
+    from cpcompile.cache import kv_shapes
+
+    with pytest.raises(ValueError, match=r"_OwnCacheModel refuses a transformers Cache \(Own uses cache of its own.*cannot replace"):
+        kv_shapes(_OwnCacheModel())

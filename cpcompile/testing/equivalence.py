@@ -9,8 +9,8 @@
 
 What runs (DESIGN.md section 7's equivalence, made checkable on any model):
 
-  1. the reference: `model_factory()` on this process, one device, HF's own attention and a
-     `transformers.DynamicCache`, greedy decoding for `max_new_tokens` steps;
+  1. the reference: `model_factory()` on this process, one device, HF's own attention and the
+     cache the model makes itself (a `transformers.DynamicCache`, or its own class), greedy decoding for `max_new_tokens` steps;
   2. the parallel run: `model_factory()` on each of the dp*tp*cp ranks of a `World`, then
      `cpcompile.parallelize(model, tp=, cp=, dp=, **parallel_options)`, driven with **forced
      decoding**: at every step it is fed the *reference's* token, so that after a near-tie
@@ -132,7 +132,8 @@ def _drive(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, forced: tor
     """Prefill then `steps - 1` one-token steps; returns (logits [steps, B, V] fp32, tokens [steps, B]).
 
     Step t feeds `forced[t - 1]` when given (forced decoding), else the argmax of step t - 1.
-    `cache`: the reference's DynamicCache, or None (cpcompile allocates its own)."""
+    `cache`: None lets the model make its own (HF's default for the reference, which may be a
+    model's own class such as MiniMaxCache; cpcompile allocates its own)."""
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # as HF generate: padding gets position 0
@@ -161,11 +162,9 @@ def _build(model_factory, dtype):
 
 
 def _reference(model_factory, dtype, ids, mask, steps):
-    from transformers import DynamicCache
-
     model = _build(model_factory, dtype)
     model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    logits, tokens = _drive(model, ids, mask, steps, None, DynamicCache(config=model.config))
+    logits, tokens = _drive(model, ids, mask, steps, None, None)  # the cache the model makes itself, as generate()'s
     return logits, tokens, model_dtype
 
 
