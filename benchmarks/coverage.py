@@ -559,9 +559,36 @@ def markdown(data: dict) -> str:
     out += ["", "| outcome | cases | reason (numbers blurred) | architectures |", "|---|---|---|---|"]
     for r in s["reasons"][:25]:
         out.append(f"| {r['outcome']} | {r['cases']} | {r['reason'][:160].replace('|', '/')} | {', '.join(r['architectures'])} |")
+    commits = data["versions"].get("commits")
+    if commits:
+        out += ["", "Cases by the cpcompile commit they ran at (merged runs): "
+                + ", ".join(f"`{c}` {n}" for c, n in sorted(commits.items(), key=lambda kv: -kv[1])) + "."]
     out += ["", "Skipped by the decoder-only rule:", ""]
     out += [f"- {a}: {why}" for a, why in sorted(data["skipped"].items())]
     return "\n".join(out) + "\n"
+
+
+def merge(paths: list[str]) -> dict:
+    """One --json document from several runs (a full sweep, then reruns of some architectures):
+    a later file's result for an (architecture, mesh) replaces an earlier one's. Each result
+    keeps the commit it ran at (`commit`), and `versions.commits` counts the cases per commit."""
+    merged, by = None, {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        commit = data["versions"].get("cpcompile_commit")
+        for r in data["results"]:
+            by[(r["arch"], r["mesh"])] = dict(r, commit=r.get("commit", commit))
+        if merged is None:
+            merged = dict(data, meshes=list(data["meshes"]), seconds=0.0)
+        merged["meshes"] += [m for m in data["meshes"] if m not in merged["meshes"]]
+        merged["swept"] = sorted(set(merged.get("swept") or []) | set(data.get("swept") or []))
+        merged["seconds"] = round(merged["seconds"] + data["seconds"], 1)
+    results = list(by.values())
+    versions = dict(merged["versions"], cpcompile_commit=None, merged_from=paths,
+                    commits=dict(collections.Counter(r["commit"] for r in results)))
+    return dict(merged, versions=versions, results=results,
+                summary=summarize(results, merged["meshes"], merged["swept"]))
 
 
 def _versions() -> dict:
@@ -592,7 +619,18 @@ def main(argv=None) -> int:
     p.add_argument("--case-timeout-s", type=float, default=CASE_TIMEOUT_S)
     p.add_argument("--list", action="store_true", help="print the selection and the skips; run nothing")
     p.add_argument("--markdown", default="", help="print docs/coverage.md's tables from this --json file; run nothing")
+    p.add_argument("--merge", default="", metavar="A.json,B.json,...",
+                   help="write one --json from several runs, later results replacing earlier ones; run nothing")
     args = p.parse_args(argv)
+    if args.merge:
+        if not args.json:
+            p.error("--merge needs --json OUT")
+        data = merge([x for x in args.merge.split(",") if x])
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+        print(f"{args.json}: {len(data['results'])} cases from {len(data['versions']['merged_from'])} runs; "
+              f"totals {data['summary']['totals']}")
+        return 0
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown(json.load(f)), end="")
