@@ -268,7 +268,16 @@ class Engine:
         # engine's own bound is the limit instead. fullgraph=True: past it Dynamo raises, never
         # falls back to eager (which would attend over the sharded cache un-rewritten).
         with torch._dynamo.config.patch(recompile_limit=bound, accumulated_recompile_limit=max(bound, 256)):
-            out = self.compiled(replica_layout=layout, **kwargs)
+            try:
+                out = self.compiled(replica_layout=layout, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as e:
+                inner = e.inner_exception
+                if not _is_refusal(inner):
+                    raise
+                # a pass refused this shape's graph: the user gets that message, not Dynamo's wrapper
+                inner.add_note(f"cpcompile: raised while compiling the graph of a new step shape {key} "
+                               f"(shapes compiled before: {sorted(self.compiles)})")
+                raise inner from None
         self.compiles[key] = self.compiles.get(key, 0) + len(backend.reports) - before
         return out
 
@@ -335,3 +344,14 @@ def check_serving(prefill_chunk: int, max_batch: int) -> None:
         raise ValueError(f"parallelize: prefill_chunk={prefill_chunk!r}; expected a positive number of tokens (default 256)")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ValueError(f"parallelize: max_batch={max_batch!r}; expected a positive number of rows (default 16)")
+
+
+def _is_refusal(e: BaseException | None) -> bool:
+    """cpcompile's own refusals (a pass that cannot rewrite what it found), as opposed to bugs."""
+    from cpcompile.passes._probe import ProbeError
+    from cpcompile.passes.find_attention import AttentionError
+    from cpcompile.passes.plan import MeshError
+    from cpcompile.passes.split_tokens import TokenSplitError
+
+    return isinstance(e, (AttentionError, MeshError, TokenSplitError, ProbeError))
+

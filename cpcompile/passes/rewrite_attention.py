@@ -123,10 +123,51 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
         _erase_dead([u for u in read.users] + [read])
     leftover = [n for n in g.nodes if is_op(n, "sdpa") or is_op(n, "kv_cache_read")]
     if leftover:
-        raise AttentionError(f"attention rewrite left {len(leftover)} attention/cache-read node(s): {[n.name for n in leftover]}")
+        raise AttentionError(
+            f"attention rewrite left {len(leftover)} attention/cache-read node(s) that no recognised attention "
+            "consumes; cpcompile replaces attention only where the cached keys/values feed nothing but it:\n"
+            + "\n".join(f"  - {_describe_leftover(n)}" for n in leftover)
+            + "\nAn extra term in the scores or softmax (attention sinks, a learned bias, a custom normalisation) is "
+            "not supported in this version; `cpcompile.explain(model)` lists the attention sites it did recognise."
+        )
     g.lint()
     gm.recompile()
     return RewriteResult(len(sites), len(reads_done))
+
+
+def _source(n: fx.Node) -> str:
+    """The model's source line that made `n`: 'modeling_gpt_oss.py:120 in eager_attention_forward: `...`'."""
+    lines = (n.meta.get("stack_trace") or "").strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
+        if line.startswith("File "):
+            parts = line.split('"')
+            path = parts[1].rsplit("/", 1)[-1] if len(parts) > 2 else "?"
+            rest = parts[-1].replace(", line ", ":").replace(", in ", " in ").strip()
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{path}{rest}" + (f": `{code}`" if code else "")
+    return "source unknown"
+
+
+def _describe_leftover(n: fx.Node) -> str:
+    if is_op(n, "sdpa"):
+        return f"{n.name}: a scaled_dot_product_attention call not matched as an attention site ({_source(n)})"
+    consumers, seen, todo = [], set(), list(n.users)
+    while todo and len(consumers) < 3:  # through getitem and views, to the ops that compute with K/V
+        u = todo.pop(0)
+        if u in seen:
+            continue
+        seen.add(u)
+        name = getattr(u.target, "__name__", str(u.target))
+        if u.target is operator.getitem or name in _VIEWS:
+            todo += list(u.users)
+        else:
+            consumers.append(f"{name} at {_source(u)}")
+    return f"{n.name} (cached keys/values) still used by: {'; '.join(consumers) or 'nothing'}"
+
+
+_VIEWS = {"view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "contiguous", "to", "float",
+          "repeat_interleave", "flatten", "clone", "type_as", "narrow", "getitem"}
 
 
 def _replace_cache_read(g: fx.Graph, site: AttentionSite) -> int:
