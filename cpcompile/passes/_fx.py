@@ -155,3 +155,17 @@ def insert_call(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict | N
 def op_count(gm: fx.GraphModule, name: str) -> int:
     """How many nodes of operation `name` the graph holds (tests assert these before/after each pass)."""
     return sum(is_op(n, name) for n in gm.graph.nodes)
+
+
+def source_line(n: fx.Node) -> str:
+    """The model's source line that made `n`: 'modeling_gpt_oss.py:120 in eager_attention_forward: `...`'."""
+    lines = (n.meta.get("stack_trace") or "").strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
+        if line.startswith("File "):
+            parts = line.split('"')
+            path = parts[1].rsplit("/", 1)[-1] if len(parts) > 2 else "?"
+            rest = parts[-1].replace(", line ", ":").replace(", in ", " in ").strip()
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{path}{rest}" + (f": `{code}`" if code else "")
+    return "source unknown"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from cpcompile.passes._fx import arg, ancestors, is_op, shape, single_user, strip_repeat_kv, val
+from cpcompile.passes._fx import arg, ancestors, descendants, is_op, shape, single_user, source_line, strip_repeat_kv, val
 
 
 class AttentionError(ValueError):
@@ -163,7 +163,24 @@ def _eager_site(softmax: fx.Node, index: int) -> AttentionSite | None:
     v, rep_v = strip_repeat_kv(v)
     if rep_k != rep_v:
         raise AttentionError(f"attention #{index}: key repeated {rep_k}x but value {rep_v}x")
+    _check_scores_private(x, softmax, index)
     return AttentionSite(index, "eager", out, q, k, v, mask, False, scale, softcap, chain=chain)
+
+
+def _check_scores_private(qk: fx.Node, softmax: fx.Node, index: int) -> None:
+    """The scores between q @ k^T and the softmax must feed nothing else: the rewrite replaces them
+    with a kernel, and a second use (Granite-SWA's sink scale from logsumexp(scores)) would then read
+    K/V that the rewrite sharded."""
+    between = (descendants([qk], lambda n: n is softmax) & ancestors(softmax, lambda n: n is qk)) | {qk}
+    between.discard(softmax)
+    outside = [u for n in between for u in n.users if u is not softmax and u not in between]
+    if outside:
+        uses = "; ".join(f"{getattr(u.target, '__name__', u.target)} at {source_line(u)}" for u in outside[:3])
+        raise AttentionError(
+            f"attention #{index}: its scores (q @ k^T before the softmax) are also used outside the softmax, by {uses}. "
+            "A term computed from the scores beside the softmax (an attention sink's log-sum-exp, for example) "
+            "is not supported in this version; cpcompile refuses rather than rewrite half of it."
+        )
 
 
 def _reaches_qk(node) -> bool:

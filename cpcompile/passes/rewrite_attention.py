@@ -38,7 +38,7 @@ from torch import fx
 from typing import TYPE_CHECKING
 
 from cpcompile.kernels.layout import kv_head_range
-from cpcompile.passes._fx import getitem_user, insert_call, is_op, shape, val
+from cpcompile.passes._fx import getitem_user, insert_call, is_op, shape, source_line, val
 from cpcompile.passes.find_attention import AttentionError, AttentionSite
 
 if TYPE_CHECKING:
@@ -135,23 +135,9 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
     return RewriteResult(len(sites), len(reads_done))
 
 
-def _source(n: fx.Node) -> str:
-    """The model's source line that made `n`: 'modeling_gpt_oss.py:120 in eager_attention_forward: `...`'."""
-    lines = (n.meta.get("stack_trace") or "").strip().splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        line = lines[i].strip()
-        if line.startswith("File "):
-            parts = line.split('"')
-            path = parts[1].rsplit("/", 1)[-1] if len(parts) > 2 else "?"
-            rest = parts[-1].replace(", line ", ":").replace(", in ", " in ").strip()
-            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            return f"{path}{rest}" + (f": `{code}`" if code else "")
-    return "source unknown"
-
-
 def _describe_leftover(n: fx.Node) -> str:
     if is_op(n, "sdpa"):
-        return f"{n.name}: a scaled_dot_product_attention call not matched as an attention site ({_source(n)})"
+        return f"{n.name}: a scaled_dot_product_attention call not matched as an attention site ({source_line(n)})"
     consumers, seen, todo = [], set(), list(n.users)
     while todo and len(consumers) < 3:  # through getitem and views, to the ops that compute with K/V
         u = todo.pop(0)
@@ -162,7 +148,7 @@ def _describe_leftover(n: fx.Node) -> str:
         if u.target is operator.getitem or name in _VIEWS:
             todo += list(u.users)
         else:
-            consumers.append(f"{name} at {_source(u)}")
+            consumers.append(f"{name} at {source_line(u)}")
     return f"{n.name} (cached keys/values) still used by: {'; '.join(consumers) or 'nothing'}"
 
 

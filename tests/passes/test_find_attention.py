@@ -33,6 +33,9 @@ def test_hf_sites(arch):
         assert s.mask is not None
 
 
+_CAUSAL = torch.full((6, 6), float("-inf")).triu(1)[None, None]  # additive causal mask over 6 tokens
+
+
 class _Attn(torch.nn.Module):
     def __init__(self, mode, heads=4, kv_heads=2, dim=8):
         super().__init__()
@@ -54,6 +57,12 @@ class _Attn(torch.nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)
         if self.mode == "alibi":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.mode in ("eager", "sink_lse"):
+            s = q @ k.transpose(2, 3) * self.d**-0.5 + mask
+            o = torch.softmax(s, dim=-1) @ v
+            if self.mode == "sink_lse":  # Granite-SWA: a sink as sigmoid(logsumexp(scores) - sink) on the output
+                o = o * torch.sigmoid(torch.logsumexp(s, dim=-1) - 1.5)[..., None]
+            return o
         raise AssertionError(self.mode)
 
 
@@ -71,12 +80,20 @@ def test_sdpa_enable_gqa_found():
         ("encoder", (), "bidirectional"),
         ("dropout", (), "dropout_p=0.1"),
         ("alibi", (torch.randn(2, 4, 6, 6),), "ALiBi"),
+        ("sink_lse", (_CAUSAL,), r"scores \(q @ k\^T before the softmax\) are also used outside the softmax, by logsumexp at "
+                         r"test_find_attention.py:\d+ in forward"),
     ],
 )
 def test_unrewritable_attention_is_an_error(mode, args, message):
     gm = capture_graph(_Attn(mode), torch.randn(2, 6, 32), *args)
     with pytest.raises(AttentionError, match=message):
         find_attention_sites(gm)
+
+
+def test_eager_attention_found_when_its_scores_are_private():
+    gm = capture_graph(_Attn("eager"), torch.randn(2, 6, 32), _CAUSAL)
+    (site,) = find_attention_sites(gm)
+    assert site.form == "eager" and site.scale == pytest.approx(8**-0.5)
 
 
 def test_non_attention_softmax_is_not_a_site():
