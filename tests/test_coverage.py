@@ -7,7 +7,8 @@ on an idle 2-core machine, 5 at load 10). The sample spans the outcomes: exact a
 families (Gemma 2 softcaps + sliding window, Qwen3 q/k norms, Phi-3 fused
 qkv, GPT-NeoX partial rotary + parallel residual, BERT run as a decoder; GPT-2's fused Conv1D
 at tp2 x cp2), refusals (DeepSeek-V3's MLA at tp > 1, BLOOM's ALiBi as a CaptureError, Mamba's state-space
-cache named as such, GPT-OSS's attention sinks named by the model's source line). The sweep itself uses a one-rank World for
+cache named as such, GPT-OSS's attention sinks named by the model's source line, GPT-Neo's causal bias sliced by the
+cache's length, refused at the first step shape it cannot trace). The sweep itself uses a one-rank World for
 1x1; here 1x1 runs in this process (the suite's worlds are 2 and 4 ranks). When cpcompile improves, an outcome here
 changes: update the table (and docs/coverage.md) in the same commit. No case may be `wrong`.
 """
@@ -26,6 +27,7 @@ from benchmarks import coverage  # noqa: E402
 # (architecture, mesh TPxCP) -> the outcome recorded by the sweep (docs/coverage.md).
 EXPECTED = {
     ("gpt_oss", "1x1"): "refused",
+    ("gpt_neo", "1x1"): "refused",
     ("qwen3", "1x1"): "exact",
     ("gemma2", "1x1"): "exact",
     ("phi3", "1x1"): "exact",
@@ -39,6 +41,7 @@ EXPECTED = {
 # What a refusal must name (a substring of its reason).
 REASONS = {
     ("gpt_oss", "1x1"): "modeling_gpt_oss.py",  # the attention with sinks: the model's own source line
+    ("gpt_neo", "1x1"): "modeling_gpt_neo.py:121",  # a causal bias sliced by the cache's length, at a later step shape
     ("deepseek_v3", "2x2"): "MLA attention",
     ("mamba", "1x1"): "not a key/value cache",
 }
