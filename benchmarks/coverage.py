@@ -582,6 +582,8 @@ def merge(paths: list[str]) -> dict:
         merged["meshes"] += [m for m in data["meshes"] if m not in merged["meshes"]]
         merged["swept"] = sorted(set(merged.get("swept") or []) | set(data.get("swept") or []))
         merged["seconds"] = round(merged["seconds"] + data["seconds"], 1)
+    order = ALL_MESHES.split(",")
+    merged["meshes"] = sorted(merged["meshes"], key=lambda m: order.index(m) if m in order else len(order))
     results = list(by.values())
     versions = dict(merged["versions"], cpcompile_commit=None, merged_from=paths,
                     commits=dict(collections.Counter(r["commit"] for r in results)))
