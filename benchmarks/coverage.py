@@ -552,7 +552,7 @@ def markdown(data: dict) -> str:
     out += ["", "| outcome | " + " | ".join(meshes) + " |", "|---|" + "---|" * len(meshes)]
     for o in OUTCOMES:
         out.append(f"| {o} | " + " | ".join(str(s["totals"].get(m, {}).get(o, 0)) for m in meshes) + " |")
-    out.append("| not run (budget) | " + " | ".join(
+    out.append("| not run | " + " | ".join(
         str(s["swept"] - sum(s["totals"].get(m, {}).values())) for m in meshes) + " |")
     out += ["", "| outcome | cases | reason (numbers blurred) | architectures |", "|---|---|---|---|"]
     for r in s["reasons"][:25]:
