@@ -69,3 +69,22 @@ def test_outcome(arch, mesh, request):
         assert r["max_abs_error"] <= 1e-4  # FP32_TOLERANCE.atol
     if (arch, mesh) in REASONS:
         assert REASONS[arch, mesh] in r["reason"], r["reason"]
+
+
+def test_merge_later_runs_replace_earlier(tmp_path):
+    import json
+
+    def run(path, commit, meshes, results):
+        doc = dict(versions=dict(cpcompile_commit=commit), meshes=meshes, seconds=10.0, skipped={}, swept=["a", "b"],
+                   results=[dict(arch=a, mesh=m, outcome=o, reason="") for a, m, o in results])
+        path.write_text(json.dumps(doc))
+        return str(path)
+
+    first = run(tmp_path / "1.json", "c1", ["2x2", "1x1"], [("a", "2x2", "failed"), ("b", "2x2", "exact")])
+    second = run(tmp_path / "2.json", "c2", ["2x1"], [("a", "2x2", "refused"), ("a", "2x1", "refused")])
+    data = coverage.merge([first, second])
+    assert data["meshes"] == ["1x1", "2x1", "2x2"]
+    by = {(r["arch"], r["mesh"]): (r["outcome"], r["commit"]) for r in data["results"]}
+    assert by == {("a", "2x2"): ("refused", "c2"), ("b", "2x2"): ("exact", "c1"), ("a", "2x1"): ("refused", "c2")}
+    assert data["versions"]["commits"] == {"c2": 2, "c1": 1} and data["seconds"] == 20.0
+    assert data["summary"]["totals"]["2x2"] == {"refused": 1, "exact": 1}
