@@ -91,17 +91,12 @@ class CaptureError(ValueError):
 
 
 def _user_frame(e: BaseException) -> str:
-    """'(at modeling_gpt_neo.py:121: `attn_weights = torch.where(...)`)': the innermost model frame
-    Dynamo's message quotes ("from user code"), or '' if it quotes none."""
-    lines = str(e).splitlines()
-    frames = [i for i, line in enumerate(lines) if line.strip().startswith('File "')]
-    if not frames:
-        return ""
-    i = frames[-1]
-    parts = lines[i].strip().split('"')
-    where = parts[1].rsplit("/", 1)[-1] + parts[-1].replace(", line ", ":").replace(", in ", " in ").rstrip()
-    code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-    return f"(at {where}" + (f": `{code}`)" if code else ")")
+    """'(at modeling_gpt_neo.py:121 in _attn: `...`)': the innermost model frame Dynamo's message
+    quotes ("from user code"), or '' if it quotes none."""
+    from cpcompile.passes._fx import last_frame
+
+    frame = last_frame(str(e))
+    return f"(at {frame})" if frame else ""
 
 
 def _first_line(e: BaseException) -> str:

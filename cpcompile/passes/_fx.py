@@ -157,15 +157,21 @@ def op_count(gm: fx.GraphModule, name: str) -> int:
     return sum(is_op(n, name) for n in gm.graph.nodes)
 
 
-def source_line(n: fx.Node) -> str:
-    """The model's source line that made `n`: 'modeling_gpt_oss.py:120 in eager_attention_forward: `...`'."""
-    lines = (n.meta.get("stack_trace") or "").strip().splitlines()
+def last_frame(text: str) -> str | None:
+    """'modeling_gpt_oss.py:120 in eager_attention_forward: `...`': the innermost 'File "...", line N,
+    in f' frame of a traceback-style text (an FX node's stack_trace, Dynamo's "from user code")."""
+    lines = text.strip().splitlines()
     for i in range(len(lines) - 1, -1, -1):
         line = lines[i].strip()
-        if line.startswith("File "):
+        if line.startswith('File "'):
             parts = line.split('"')
             path = parts[1].rsplit("/", 1)[-1] if len(parts) > 2 else "?"
             rest = parts[-1].replace(", line ", ":").replace(", in ", " in ").strip()
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
             return f"{path}{rest}" + (f": `{code}`" if code else "")
-    return "source unknown"
+    return None
+
+
+def source_line(n: fx.Node) -> str:
+    """The model's source line that made `n` (see `last_frame`)."""
+    return last_frame(n.meta.get("stack_trace") or "") or "source unknown"
