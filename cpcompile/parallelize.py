@@ -64,6 +64,7 @@ class ParallelState:
     groups: "Groups | None" = None
     engine: "Engine | None" = None
     verification: dict | None = None  # the largest logit error per step of the self-verification probe
+    checkpoint: "object | None" = None  # the cpcompile.loading.Checkpoint the weights were read from (bytes_read)
 
     @property
     def graph_bound(self) -> int:
@@ -153,6 +154,8 @@ def parallelize(
     lowering: str = "inductor",
     debug_dir: str | None = None,
     verify: bool = True,
+    checkpoint: str | None = None,
+    device: str | torch.device | None = None,
 ) -> torch.nn.Module:
     """Compile `model` with cpcompile; returns the same model object, ready for `generate()`.
 
@@ -168,6 +171,12 @@ def parallelize(
     prefill and a decode step) through the model before and after sharding and raise
     `cpcompile.VerificationError`, naming the step and the first layer that differs, if the
     logits disagree (`cpcompile/verify.py`, docs/verification.md).
+
+    `checkpoint` (a local model directory with safetensors weights): `model` holds no weights (its
+    parameters are on the meta device, as `cpcompile.empty_model(path)` builds it) and each rank reads
+    only its shards and the replicated parameters from the files, onto `device` (default
+    `cuda:LOCAL_RANK` where CUDA is present, else CPU); see `cpcompile/loading.py`, docs/loading.md.
+    Verification then runs on a small twin of the model (`verify.twin_model`).
     """
     if getattr(model, "_cpcompile", None) is not None:
         raise ValueError("parallelize: this model is already parallelized by cpcompile")
@@ -178,14 +187,36 @@ def parallelize(
     if max_length < 1:
         raise ValueError(f"parallelize: max_length={max_length}; expected a positive number of tokens")
     check_serving(prefill_chunk, max_batch)
+    ckpt, device = _checkpoint_source(model, checkpoint, device)
     model.eval()
-    analysis = capture(model, options)  # validates the mesh; raises MeshError / AttentionError
+    traced = _meta_copy(model) if ckpt is not None else model  # the graph does not depend on weight values
+    try:
+        analysis = capture(traced, options)  # validates the mesh; raises MeshError / AttentionError
+        shapes = kv_shapes(traced)
+    except (RuntimeError, NotImplementedError) as e:
+        if ckpt is None or isinstance(e, CaptureError):
+            raise
+        raise CaptureError(
+            f"cpcompile: {type(model).__name__} could not run on the meta device (no weights), which loading from "
+            f"checkpoint= needs to trace it: {type(e).__name__}: {_first_line(e)}. Some kernels check what only real "
+            "devices need (for example grouped_mm's meta kernel accepts bf16 only: load with dtype=torch.bfloat16), or "
+            "load the model whole and call cpcompile.parallelize(model)."
+        ) from e
     probe_rows = min(2, max_batch) * (dp if dp_inputs == "global" else 1)
-    ref = verification.reference(model, probe_rows) if verify else None  # while this rank holds the whole model
-    shapes = kv_shapes(model)
+    ref = None
+    if verify and ckpt is None:
+        ref = verification.reference(model, probe_rows)  # while this rank holds the whole model
+    twin_report = None
+    if verify and ckpt is not None:  # before any weight is read: a plan that is wrong fails fast
+        twin_report = _verify_twin(model, analysis, options, min(max_length, 256), prefill_chunk, max_batch)
+    del traced
     parallel, groups = None, None
     if dp * tp * cp > 1:
-        parallel, groups = _shard_model(model, analysis, options)
+        parallel, groups = _shard_model(model, analysis, options, ckpt, device)
+    if ckpt is not None:
+        from cpcompile.loading import load_replicated
+
+        load_replicated(model, ckpt, device)
     backend = Backend(options, parallel, params=lambda: param_names(model))
     state = ParallelState(options, max_length, analysis, backend, shapes, prefill_chunk, max_batch,
                           groups.info if groups else None, parallel, groups)
@@ -217,7 +248,75 @@ def parallelize(
     model.generation_config.disable_compile = True
     if ref is not None:
         state.verification = verification.check(model, ref, _describe(options), _cannot_locate(options))
+    if twin_report is not None:
+        state.verification = twin_report
+    state.checkpoint = ckpt
     return model
+
+
+def _checkpoint_source(model, checkpoint, device):
+    """(Checkpoint, device) when the weights come from `checkpoint`, else (None, None); checks the
+    model and the arguments agree (weights on meta exactly when a checkpoint is given)."""
+    from cpcompile.loading import Checkpoint, check_covers, default_device, meta_parameters
+
+    meta = meta_parameters(model)
+    if checkpoint is None:
+        if meta:
+            raise ValueError(
+                f"parallelize: {len(meta)} of the model's parameters are on the meta device (first: {meta[:3]}) and no "
+                "checkpoint= was given to read them from. Pass checkpoint='path/to/model' (each rank then reads only "
+                "its shards), or load the weights first."
+            )
+        if device is not None:
+            raise ValueError("parallelize: device= places weights read from checkpoint=; move a loaded model with "
+                             "model.to(device) instead")
+        return None, None
+    loaded = [n for n, p in model.named_parameters() if not p.is_meta]
+    if loaded:
+        raise ValueError(
+            f"parallelize: checkpoint={str(checkpoint)!r} was given, but {len(loaded)} parameters already hold weights "
+            f"(first: {loaded[:3]}). Build the model with cpcompile.empty_model(path) (parameters on meta, read per rank "
+            "from the checkpoint), or pass the loaded model without checkpoint=."
+        )
+    meta_buffers = [n for n, b in model.named_buffers() if b.is_meta]
+    if meta_buffers:
+        raise ValueError(
+            f"parallelize: the model's buffers {meta_buffers[:3]} are on the meta device: they are computed by the "
+            "model's constructor (RoPE frequencies) and are not in the checkpoint. Build the model with "
+            "cpcompile.empty_model(path), which puts only the parameters on meta."
+        )
+    ckpt = Checkpoint(checkpoint).for_model(model)
+    check_covers(model, ckpt)
+    return ckpt, torch.device(device) if device is not None else default_device()
+
+
+def _meta_copy(model):
+    """A copy of an empty model (parameters on meta) with its buffers on meta too, for capture."""
+    import copy
+
+    return copy.deepcopy(model).to("meta")
+
+
+def _verify_twin(model, analysis: Analysis, options: Options, max_length: int, prefill_chunk: int, max_batch: int) -> dict:
+    """Self-verification without the whole model: parallelize a small twin on the same mesh with
+    `verify=True` (`verify.twin_model`); its plan must be the model's, layer for layer."""
+    o = options
+    twin = verification.twin_model(model.config, o.dp * o.tp * o.cp)
+    try:
+        twin = parallelize(twin, tp=o.tp, cp=o.cp, dp=o.dp, combine=o.combine, ffn=o.ffn, dp_inputs=o.dp_inputs,
+                           kv_interleave=o.kv_interleave, max_length=max_length, prefill_chunk=prefill_chunk,
+                           max_batch=max_batch, lowering=o.lowering, verify=True)
+        differs = verification.same_plan(analysis, twin._cpcompile.analysis)
+        if differs:
+            raise verification.VerificationError(
+                f"cpcompile: the small twin verification runs on plans {type(model).__name__} differently from the model "
+                f"({'; '.join(differs[:4])}), so it cannot stand for it. Pass verify=False to skip self-verification "
+                "(nothing then checks the plan before serving), or load the model whole and parallelize it."
+            )
+        return {**twin._cpcompile.verification, "twin": True}
+    finally:
+        del twin
+        torch._dynamo.reset()
 
 
 def _describe(o: Options) -> str:
@@ -233,16 +332,18 @@ def _cannot_locate(o: Options) -> str | None:
     return None
 
 
-def _shard_model(model, analysis: Analysis, options: Options):
+def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=None):
     """Decide this rank's weight shards, keep its local copies, and replace the model's full
     parameters for them by zero-storage stand-ins of the full shape (Dynamo then traces the
-    single-device shapes; the graph reads the local copies)."""
+    single-device shapes; the graph reads the local copies). With `ckpt` the local copies are read
+    from the checkpoint's files onto `device` (the model's parameters are on meta)."""
     from cpcompile.distributed import init_groups
     from cpcompile.passes import Parallel
     from cpcompile.passes.rewrite_attention import AttentionParallel
     from cpcompile.passes.shard_weights import local_tensors, shard_weights
 
-    groups = init_groups(options.tp, options.cp, options.dp, _device(model))
+    device = device if ckpt is not None else _device(model)
+    groups = init_groups(options.tp, options.cp, options.dp, device)
     info = groups.info
     shards = shard_weights(analysis, info, options.combine, options.ffn)
     params = dict(model.named_parameters())
@@ -260,13 +361,21 @@ def _shard_model(model, analysis: Analysis, options: Options):
                 f"cpcompile: the linear of {name} adds a bias that is not a parameter of the model ({bias_name}); "
                 "cpcompile cannot shard it. Run with tp = cp = 1."
             )
-        local[name] = local_tensors(shard, params[name].detach(), bias.detach() if bias is not None else None)
+        if ckpt is not None:
+            from cpcompile.loading import check_shard_source
+
+            check_shard_source(model, ckpt, shard)
+            w, b = ckpt.read_shard(shard)
+            dtype = params[name].dtype
+            local[name] = (w.to(device=device, dtype=dtype), b.to(device=device, dtype=bias.dtype) if b is not None else None)
+        else:
+            local[name] = local_tensors(shard, params[name].detach(), bias.detach() if bias is not None else None)
         for pname in (name, bias_name if bias is not None else None):
             if pname:
                 owner, _, attr = pname.rpartition(".")
                 mod = model.get_submodule(owner)
                 full = mod._parameters[attr]
-                stub = torch.empty(1, dtype=full.dtype, device=full.device).expand(full.shape)
+                stub = torch.empty(1, dtype=full.dtype, device=device).expand(full.shape)
                 mod._parameters[attr] = torch.nn.Parameter(stub, requires_grad=False)
     names = {k: groups.name(k) for k in ("cp", "tp", "replica", "dp", "world")}
     return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave), shards, local), groups

@@ -197,3 +197,108 @@ def _locate(model, ref: Reference, step: int, dtype) -> str:
 
 def _largest(par, want, upto: int, real) -> float:
     return max(float((p.cpu()[real] - r.cpu()[real]).abs().max()) for p, r in zip(par[:upto], want[:upto]))
+
+
+# --- A small twin: self-verification when the model's weights are never whole on one rank -----------
+#
+# `parallelize(..., checkpoint=path)` never holds the whole model, so there is no unsharded model to
+# run the probe through. It verifies a *twin* instead: the same architecture (the same config class
+# and every field it does not shrink) with fewer layers and narrower widths, seeded random weights in
+# fp32, parallelized through the same passes on the same mesh, and checked against its own unsharded
+# self as above. The twin keeps what decides the plan: the head counts (Hq, Hkv, hence the head
+# groups), the head dims, the layer types present, the MoE expert counts and routing, and the
+# divisibility of every sharded width by the FFN group.
+#
+# What it proves: the passes read this architecture's graph right at this mesh (roles, head layout,
+# packing, collectives, cache writes), at the fp32 tolerance. What it does not: that the checkpoint's
+# slices are the right ones for the real widths (the sharded reads are tested against the
+# eager-loaded shards in tests/test_loading.py), nor behaviour tied to widths it shrank.
+
+TWIN_HIDDEN = 128  # model width of the twin when the config states head_dim (else heads x min(head_dim, 32))
+TWIN_VOCAB = 512
+TWIN_FFN_PER_RANK = 16  # twin intermediate sizes are this many columns per rank of the largest group
+
+
+def twin_config(config, world: int):
+    """A copy of `config` shrunk as the block above describes."""
+    import copy
+
+    cfg = copy.deepcopy(config)
+    text = cfg.get_text_config()
+    layers = int(text.num_hidden_layers)
+    keep = 2
+    types = getattr(text, "layer_types", None)
+    if isinstance(types, (list, tuple)) and types:
+        keep = max(keep, max(list(types).index(t) for t in set(types)) + 1)  # every layer type occurs
+    dense = getattr(text, "first_k_dense_replace", None)
+    if isinstance(dense, int):
+        keep = max(keep, dense + 1)  # a dense layer and an MoE one
+    keep = min(keep, layers)
+    text.num_hidden_layers = keep
+    if isinstance(types, (list, tuple)) and types:
+        text.layer_types = list(types)[:keep]
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    if vocab > TWIN_VOCAB:
+        text.vocab_size = TWIN_VOCAB
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(text, key, None)
+            if isinstance(v, int) and v >= TWIN_VOCAB:
+                setattr(text, key, TWIN_VOCAB - 1 - ("pad_token_id", "bos_token_id", "eos_token_id").index(key))
+            elif isinstance(v, list):
+                setattr(text, key, [x if x < TWIN_VOCAB else TWIN_VOCAB - 3 for x in v])
+    ffn = TWIN_FFN_PER_RANK * world
+    for key in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        v = getattr(text, key, None)
+        if isinstance(v, int) and v > ffn:
+            setattr(text, key, ffn)
+    hidden = getattr(text, "hidden_size", None)
+    heads = getattr(text, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        head_dim = getattr(text, "head_dim", None)
+        if isinstance(head_dim, int) and head_dim > 0:
+            new = min(hidden, TWIN_HIDDEN)
+        else:
+            new = min(hidden, heads * min(hidden // heads, 32))
+        text.hidden_size = new
+    return cfg
+
+
+def twin_model(config, world: int, seed: int = 0) -> torch.nn.Module:
+    """The twin of `config` (fp32, seeded weights of std 1.6/sqrt(fan_in) so its logits are O(1)-O(10),
+    far from ties, as in cpcompile.tiny)."""
+    import transformers
+
+    cfg = twin_config(config, world)
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 1.6 / p.shape[-1] ** 0.5)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval()
+
+
+def same_plan(real, twin) -> list[str]:
+    """Where the twin's analysis differs from the model's in what decides the plan (per layer the
+    twin has: attention head counts, projection roles and placements' kinds); empty if nowhere."""
+    out = []
+    r_sites, t_sites = {s.index: s for s in real.sites}, {s.index: s for s in twin.sites}
+    for i, t in t_sites.items():
+        r = r_sites.get(i)
+        if r is None:
+            out.append(f"layer {i}: attention in the twin only")
+            continue
+        for k in ("Hq", "Hkv"):
+            if r.dims.get(k) != t.dims.get(k):
+                out.append(f"layer {i}: {k} {r.dims.get(k)} (model) vs {t.dims.get(k)} (twin)")
+        roles_r = sorted(p.role for p in real.roles.by_layer(i))
+        roles_t = sorted(p.role for p in twin.roles.by_layer(i))
+        if roles_r != roles_t:
+            out.append(f"layer {i}: roles {roles_r} (model) vs {roles_t} (twin)")
+    if not t_sites and r_sites:
+        out.append(f"the twin has no attention site (the model has {len(r_sites)})")
+    return out
