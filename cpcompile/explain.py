@@ -192,7 +192,8 @@ def explain(
     ffn: str = "tp",
     kv_interleave: int = 1,
 ) -> Explanation:
-    from cpcompile.parallelize import capture
+    from cpcompile.loading import meta_parameters
+    from cpcompile.parallelize import _meta_copy, capture
 
     if getattr(model, "_cpcompile", None) is not None:
         raise ValueError(
@@ -200,7 +201,9 @@ def explain(
             "cpcompile.explain on the model before cpcompile.parallelize"
         )
     mesh = Mesh(tp, cp, dp, combine, ffn)
-    analysis = capture(model, Options())  # analysed at tp = cp = 1: explain reports mesh problems, never raises on them
+    # analysed at tp = cp = 1: explain reports mesh problems, never raises on them. An empty model
+    # (cpcompile.empty_model: parameters on meta) is traced on a meta copy, as parallelize does.
+    analysis = capture(_meta_copy(model) if meta_parameters(model) else model, Options())
     problems = _problems(analysis.roles, analysis.sites, mesh)
     error = ""
     try:

@@ -84,3 +84,28 @@ def test_pop_cache_takes_either_spelling():
     assert pop_cache(kw) is c and kw == {"x": 1}
     with pytest.raises(TypeError, match="both cache= and past_key_values="):
         pop_cache({"cache": c, "past_key_values": c})
+
+
+def test_checkpoint_key_renamings_we_use_exist():
+    """Sharded loading (cpcompile/loading.py) names checkpoint keys with transformers' own load-time
+    renamings (GPT-NeoX saves its head as `embed_out`, loads it as `lm_head`) and tells a converted
+    tensor (per-expert MoE weights merged at load) apart from a renamed one."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    model = tiny_model("gpt_neox")
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    name, converted = rename_source_key("embed_out.weight", renamings, converters, model.base_model_prefix, model.state_dict())
+    assert (name, converted) == ("lm_head.weight", None), (
+        f"transformers {VERSION}: GPT-NeoX's `embed_out.weight` no longer loads as `lm_head.weight` through "
+        "rename_source_key; update Checkpoint.for_model"
+    )
+    ds = tiny_model("deepseek_v3")
+    transforms = get_model_conversion_mapping(ds)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    name, converted = rename_source_key("model.layers.1.mlp.experts.0.gate_proj.weight", renamings, converters,
+                                        ds.base_model_prefix, ds.state_dict())
+    assert name == "model.layers.1.mlp.experts.gate_up_proj" and converted is not None, (name, converted)

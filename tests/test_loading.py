@@ -118,3 +118,11 @@ def test_renamed_keys_are_read(tmp_path):
     ck = Checkpoint(path).for_model(empty_model(path))
     assert "lm_head.weight" in ck and "embed_out.weight" not in ck
     assert torch.equal(ck.read("lm_head.weight"), eager.lm_head.weight)
+
+
+def test_explain_an_empty_model(tmp_path):
+    """`explain` needs no weights either: the same sites and roles as the loaded model's."""
+    eager = tiny_model("phi3")
+    path = _save(eager, tmp_path)
+    empty, loaded = cpcompile.explain(empty_model(path), tp=2, cp=2), cpcompile.explain(eager, tp=2, cp=2)
+    assert str(empty) == str(loaded)
