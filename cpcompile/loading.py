@@ -51,8 +51,8 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """The safetensors files of a local model directory, read tensor by tensor, slice by slice.
 
-    Each read opens its file, takes the slice and closes it again, so no mapping of a whole file
-    stays resident in a rank's memory.
+    Each read opens its file, copies the slice out and closes it again, so no mapping of a file
+    stays resident in a rank's memory and no weight depends on the file once loaded.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -139,14 +139,14 @@ class Checkpoint:
         f, shape, _ = self._where[self._key[name]]
         with safe_open(f, framework="pt") as h:
             sl = h.get_slice(self._key[name])
+            # safetensors hands out views of its memory map (pages read when first touched, a column
+            # slice touching whole rows): copy into memory of our own, one tensor at a time, so what a
+            # rank holds is exactly its shard and no weight depends on the file after loading.
             if index is None:
-                t = sl[:] if len(shape) else h.get_tensor(self._key[name])
+                t = (sl[:] if len(shape) else h.get_tensor(self._key[name])).clone(memory_format=torch.contiguous_format)
             else:
-                parts = []
-                for a, b in _runs(index):
-                    key = (slice(None),) * dim + (slice(a, b),)
-                    parts.append(sl[key])
-                t = torch.cat(parts, dim) if len(parts) > 1 else parts[0]
+                parts = [sl[(slice(None),) * dim + (slice(a, b),)] for a, b in _runs(index)]
+                t = torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone(memory_format=torch.contiguous_format)
         self.bytes_read += t.numel() * t.element_size()
         return t
 

@@ -208,7 +208,7 @@ def parallelize(
         ref = verification.reference(model, probe_rows)  # while this rank holds the whole model
     twin_report = None
     if verify and ckpt is not None:  # before any weight is read: a plan that is wrong fails fast
-        twin_report = _verify_twin(model, analysis, options, min(max_length, 256), prefill_chunk, max_batch)
+        twin_report = _verify_twin(model, analysis, options, min(max_length, 256), prefill_chunk, max_batch, device)
     del traced
     parallel, groups = None, None
     if dp * tp * cp > 1:
@@ -297,11 +297,12 @@ def _meta_copy(model):
     return copy.deepcopy(model).to("meta")
 
 
-def _verify_twin(model, analysis: Analysis, options: Options, max_length: int, prefill_chunk: int, max_batch: int) -> dict:
-    """Self-verification without the whole model: parallelize a small twin on the same mesh with
-    `verify=True` (`verify.twin_model`); its plan must be the model's, layer for layer."""
+def _verify_twin(model, analysis: Analysis, options: Options, max_length: int, prefill_chunk: int, max_batch: int,
+                 device: torch.device) -> dict:
+    """Self-verification without the whole model: parallelize a small twin on `device` and the same
+    mesh with `verify=True` (`verify.twin_model`); its plan must be the model's, layer for layer."""
     o = options
-    twin = verification.twin_model(model.config, o.dp * o.tp * o.cp)
+    twin = verification.twin_model(model.config, o.dp * o.tp * o.cp).to(device)
     try:
         twin = parallelize(twin, tp=o.tp, cp=o.cp, dp=o.dp, combine=o.combine, ffn=o.ffn, dp_inputs=o.dp_inputs,
                            kv_interleave=o.kv_interleave, max_length=max_length, prefill_chunk=prefill_chunk,

@@ -1,16 +1,17 @@
 """Each rank reads only its shards (cpcompile/loading.py, docs/loading.md), on a gloo world of 4.
 
-Per case every rank builds the eager-loaded model and parallelizes it (the reference: the shards
-`parallelize` cut from whole weights), and loads the same checkpoint with `from_pretrained`. Asserted
-on every rank: the local shards are bitwise the eager path's; the bytes read from the files are
-exactly this rank's shard bytes plus the replicated parameters (a tied one counted once); the
-tokens of a stream of two `generate()` calls are the eager path's; the twin verification ran.
+Per case every rank loads a checkpoint with `from_pretrained`. Asserted on every rank: each local
+shard is bitwise what `shard_weights.local_tensors` cuts from the whole weight (what the eager path
+holds); the bytes read from the files are exactly this rank's shard bytes plus the replicated
+parameters (a tied one counted once) and less than the whole model; the tokens of a stream of two
+`generate()` calls are the single-device model's; the twin verification ran where asked.
 """
 
 import pytest
 import torch
 
-PROMPTS = [([[0, 0, 5, 6, 7], [9, 10, 11, 12, 13]], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), ([[21, 22, 23], [24, 25, 26]], [[1, 1, 1], [1, 1, 1]])]
+PROMPTS = [([[0, 0, 5, 6, 7], [9, 10, 11, 12, 13]], [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]),
+           ([[21, 22, 23], [24, 25, 26]], [[1, 1, 1], [1, 1, 1]])]
 
 
 def _nbytes(t) -> int:
@@ -19,27 +20,29 @@ def _nbytes(t) -> int:
 
 def load_on_rank(path: str, arch: str, overrides: dict, mesh: dict, verify: bool):
     import cpcompile
+    from cpcompile.passes.shard_weights import local_tensors
     from cpcompile.tiny import tiny_model
 
-    eager = cpcompile.parallelize(tiny_model(arch, **overrides), **mesh, verify=False, lowering="aot_eager", max_length=32)
+    full = tiny_model(arch, **overrides)  # the eager-loaded, single-device model
+    params = dict(full.named_parameters())
     loaded = cpcompile.from_pretrained(path, **mesh, verify=verify, lowering="aot_eager", max_length=32)
-    e, s = eager._cpcompile, loaded._cpcompile
-    same_shards = e.parallel.local.keys() == s.parallel.local.keys() and all(
-        torch.equal(e.parallel.local[k][0], s.parallel.local[k][0])
-        and (e.parallel.local[k][1] is None) == (s.parallel.local[k][1] is None)
-        and (e.parallel.local[k][1] is None or torch.equal(e.parallel.local[k][1], s.parallel.local[k][1]))
-        for k in e.parallel.local
-    )
-    sharded = {n for sh in e.parallel.shards.values() for n in (sh.weight, sh.bias) if n}
-    full = tiny_model(arch, **overrides)
+    s = loaded._cpcompile
+    same_shards, shard_bytes = True, 0
+    for name, shard in s.parallel.shards.items():
+        want_w, want_b = local_tensors(shard, params[name].detach(), params[shard.bias].detach() if shard.bias else None)
+        got_w, got_b = s.parallel.local[name]
+        same_shards &= torch.equal(got_w, want_w) and (got_b is None) == (want_b is None)
+        same_shards &= want_b is None or torch.equal(got_b, want_b)
+        shard_bytes += _nbytes(want_w) + _nbytes(want_b)
+    sharded = {n for sh in s.parallel.shards.values() for n in (sh.weight, sh.bias) if n}
     replicated = {id(p): p for n, p in full.named_parameters() if n not in sharded}.values()
-    expected = sum(_nbytes(w) + _nbytes(b) for w, b in e.parallel.local.values()) + sum(map(_nbytes, replicated))
     tokens = []
     for ids, mask in PROMPTS:
         ids, mask = torch.tensor(ids), torch.tensor(mask)
         kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        tokens.append((eager.generate(ids, **kw), loaded.generate(ids, **kw)))
-    return dict(same_shards=same_shards, bytes_read=s.checkpoint.bytes_read, expected=expected,
+        tokens.append((full.generate(ids, **kw), loaded.generate(ids, **kw)))
+    return dict(same_shards=same_shards, bytes_read=s.checkpoint.bytes_read,
+                expected=shard_bytes + sum(map(_nbytes, replicated)),
                 whole=sum(map(_nbytes, {id(p): p for p in full.parameters()}.values())),
                 same_tokens=all(torch.equal(a, b) for a, b in tokens), verification=s.verification)
 
