@@ -310,8 +310,8 @@ def _verify_twin(model, analysis: Analysis, options: Options, max_length: int, p
         differs = verification.same_plan(analysis, twin._cpcompile.analysis)
         if differs:
             raise verification.VerificationError(
-                f"cpcompile: the small twin verification runs on plans {type(model).__name__} differently from the model "
-                f"({'; '.join(differs[:4])}), so it cannot stand for it. Pass verify=False to skip self-verification "
+                f"cpcompile: the small twin of {type(model).__name__} that self-verification runs on is planned differently "
+                f"from the model ({'; '.join(differs[:4])}), so it cannot stand for it. Pass verify=False to skip it "
                 "(nothing then checks the plan before serving), or load the model whole and parallelize it."
             )
         return {**twin._cpcompile.verification, "twin": True}

@@ -100,3 +100,21 @@ def test_every_rank_raises_and_names_the_layer(world2):
 
 def test_public_name():
     assert cpcompile.VerificationError is VerificationError
+
+
+def test_twin_config_keeps_what_decides_the_plan():
+    """The twin `parallelize(..., checkpoint=)` verifies on (verify.twin_config): fewer layers but every
+    layer type, a dense and an MoE layer, head counts and head dims kept, narrow widths divisible by
+    the ranks, token ids inside the shrunk vocab."""
+    from cpcompile.tiny import tiny_config
+    from cpcompile.verify import TWIN_VOCAB, twin_config
+
+    big = tiny_config("gemma2", num_hidden_layers=8, vocab_size=50000, intermediate_size=4096, hidden_size=1024,
+                      pad_token_id=49999, layer_types=["sliding_attention"] * 3 + ["full_attention"] * 5)
+    t = twin_config(big, world=4)
+    assert t.num_hidden_layers == 4 and t.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    assert (t.num_attention_heads, t.num_key_value_heads, t.head_dim) == (4, 2, 16)
+    assert (t.vocab_size, t.hidden_size, t.intermediate_size) == (TWIN_VOCAB, 128, 64)
+    assert t.pad_token_id < TWIN_VOCAB and big.vocab_size == 50000  # the model's config is untouched
+    ds = twin_config(tiny_config("deepseek_v3", num_hidden_layers=5, first_k_dense_replace=2), world=2)
+    assert ds.num_hidden_layers == 3 and ds.n_routed_experts == 4 and ds.kv_lora_rank == 16
