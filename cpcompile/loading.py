@@ -296,24 +296,6 @@ def load_replicated(model: torch.nn.Module, checkpoint: Checkpoint, device: torc
                 owner._buffers[name] = buf.to(device)
 
 
-def check_shard_source(model: torch.nn.Module, checkpoint: Checkpoint, shard: "WeightShard") -> None:
-    """The checkpoint holds the sharded weight (and bias) with the shapes the plan expects."""
-    for name in (shard.weight, shard.bias):
-        if name is None:
-            continue
-        if checkpoint.converted([name]):
-            raise CheckpointError(f"checkpoint {checkpoint.path}: {name}, which the plan shards, is stored in a layout "
-                                  "transformers converts while loading; load the model whole and call "
-                                  "cpcompile.parallelize(model)")
-        if name not in checkpoint:
-            raise CheckpointError(f"checkpoint {checkpoint.path} has no tensor {name!r}, which the plan shards; "
-                                  "load the model whole and call cpcompile.parallelize(model)")
-        want = tuple(model.get_parameter(name).shape)
-        if tuple(checkpoint.shape(name)) != want:
-            raise CheckpointError(f"checkpoint {checkpoint.path}: {name} has shape {tuple(checkpoint.shape(name))}; "
-                                  f"the model's parameter is {want}")
-
-
 def default_device() -> torch.device:
     """`cuda:LOCAL_RANK` where CUDA is present, else CPU."""
     if torch.cuda.is_available():

@@ -362,10 +362,7 @@ def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=
                 f"cpcompile: the linear of {name} adds a bias that is not a parameter of the model ({bias_name}); "
                 "cpcompile cannot shard it. Run with tp = cp = 1."
             )
-        if ckpt is not None:
-            from cpcompile.loading import check_shard_source
-
-            check_shard_source(model, ckpt, shard)
+        if ckpt is not None:  # presence and shapes were checked up front (loading.check_covers)
             w, b = ckpt.read_shard(shard)
             dtype = params[name].dtype
             local[name] = (w.to(device=device, dtype=dtype), b.to(device=device, dtype=bias.dtype) if b is not None else None)
