@@ -69,9 +69,17 @@ def test_from_pretrained_matches_eager(tmp_path, arch, overrides):
     assert state.verification["twin"] is True
     unique = {id(p): p for p in eager.parameters()}.values()
     assert state.checkpoint.bytes_read == sum(p.numel() * p.element_size() for p in unique)
-    out = model.generate(PROMPTS, attention_mask=MASK, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    want = eager.generate(PROMPTS, attention_mask=MASK, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(out, want)
+    # a stream: batch sizes 2, 1, 3 and prompt lengths 2..9 (left-padded) in one process
+    g = torch.Generator().manual_seed(0)
+    stream = [(PROMPTS, MASK)]
+    for rows, width in ((1, 9), (3, 4)):
+        ids = torch.randint(3, 250, (rows, width), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, : width // 2] = 0
+        stream.append((ids.masked_fill(mask == 0, 0), mask))
+    for ids, mask in stream:
+        kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **kw), eager.generate(ids, **kw))
 
 
 def test_refusals(tmp_path):
