@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,9 +114,6 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._key
 
-    def keys(self) -> list[str]:
-        return list(self._key)
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[self._key[name]][1]
 
@@ -129,7 +127,7 @@ class Checkpoint:
         by: dict[torch.dtype, int] = {}
         for _, shape, dtype in self._where.values():
             if dtype.is_floating_point:
-                by[dtype] = by.get(dtype, 0) + _numel(shape) * dtype.itemsize
+                by[dtype] = by.get(dtype, 0) + math.prod(shape) * dtype.itemsize
         return max(by, key=by.get) if by else torch.float32
 
     def read(self, name: str, dim: int | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,13 +164,6 @@ class Checkpoint:
         if shard.bias is not None:
             b = self.read(shard.bias, 0, shard.cols) if shard.kind == "column" else self.read(shard.bias)
         return w.contiguous(), b
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
