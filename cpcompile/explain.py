@@ -107,11 +107,23 @@ def _row(role: str, name: str, mesh: Mesh, reshard: bool) -> list[Collective]:
     return [Collective("all_reduce", group, f"{name} partial sums")]
 
 
-def forward_collectives(mesh: Mesh) -> list[Collective]:
-    """The collectives outside the decoder layers, per forward (dp_inputs='global' adds the last)."""
+def forward_collectives(mesh: Mesh, roles: set[str] = frozenset()) -> list[Collective]:
+    """The collectives outside the decoder layers, per forward, for the outside-layer `roles` the
+    model has (embedding, lm_head); dp_inputs='global' adds the last."""
     out = []
-    if mesh.ffn == "sp" and mesh.cp > 1:
+    sp = mesh.ffn == "sp" and mesh.cp > 1
+    vocab = lambda role: role in roles and placement_for(role, mesh) != "replicate"
+    if vocab("embedding"):
+        if sp:
+            out.append(Collective("reduce_scatter", "cp", "the vocab-parallel embedding's lookups, leaving each CP rank its token chunk"))
+            if mesh.tp > 1:
+                out.append(Collective("all_reduce", "tp", "the embedding's lookups over the tp ranks"))
+        else:
+            out.append(Collective("all_reduce", "replica", "the vocab-parallel embedding: each rank's masked lookup into its rows"))
+    if sp:
         out.append(Collective("all_gather", "cp", "the final token chunks before the LM head"))
+    if vocab("lm_head"):
+        out.append(Collective("all_gather", "replica", "the LM head's logits, 1/(tp*cp) of the vocab from each rank"))
     if mesh.dp > 1:
         out.append(Collective("all_gather", "dp", "the logits of every replica, with dp_inputs='global' only"))
     return out
@@ -140,11 +152,16 @@ class Explanation:
             out[site.index] = layer_collectives(roles, True, self.mesh)
         return out
 
+    def forward_collectives(self) -> list[Collective]:
+        """The collectives outside the layers per forward (the embedding's, the LM head's, the logits')."""
+        return forward_collectives(self.mesh, {p.role for p in self.analysis.roles.projections if p.layer < 0})
+
     def __str__(self) -> str:
         m = self.mesh
         lines = [
             f"cpcompile.explain: {self.model} at tp={m.tp}, cp={m.cp}, dp={m.dp} "
-            f"(combine={m.combine}, ffn={m.ffn}, kv_interleave={self.kv_interleave})"
+            f"(combine={m.combine}, ffn={m.ffn}, kv_interleave={self.kv_interleave}"
+            + (f", vocab={m.vocab}" if m.vocab != "parallel" else "") + ")"
         ]
         projections = self.analysis.roles.projections
         width = max((len(p.weight) for p in projections), default=10)
@@ -163,7 +180,7 @@ class Explanation:
             return "\n".join(lines)
         lines.append("mesh fits")
         lines.append(f"tokens: {token_layout(m)}")
-        lines += _collective_lines(self.layer_collectives(), forward_collectives(m))
+        lines += _collective_lines(self.layer_collectives(), self.forward_collectives())
         lines.append(f"valid (tp, cp) with combine={m.combine}, dp={m.dp}, ffn={m.ffn}: {self.valid}")
         return "\n".join(lines)
 
@@ -191,6 +208,7 @@ def explain(
     combine: str = "all_to_all",
     ffn: str = "tp",
     kv_interleave: int = 1,
+    vocab: str = "parallel",
 ) -> Explanation:
     from cpcompile.loading import meta_parameters
     from cpcompile.parallelize import _meta_copy, capture
@@ -200,7 +218,7 @@ def explain(
             "explain: this model is already parallelized (its sharded weights are stand-ins); call "
             "cpcompile.explain on the model before cpcompile.parallelize"
         )
-    mesh = Mesh(tp, cp, dp, combine, ffn)
+    mesh = Mesh(tp, cp, dp, combine, ffn, vocab)
     # analysed at tp = cp = 1: explain reports mesh problems, never raises on them. An empty model
     # (cpcompile.empty_model: parameters on meta) is traced on a meta copy, as parallelize does.
     analysis = capture(_meta_copy(model) if meta_parameters(model) else model, Options())

@@ -151,9 +151,11 @@ class Checkpoint:
     def read_shard(self, shard: "WeightShard") -> tuple[torch.Tensor, torch.Tensor | None]:
         """A sharded linear's local weight ([out, in] orientation, as `shard_weights.local_tensors`
         gives it) and bias, reading only the rows or columns this rank owns."""
+        from cpcompile.passes.shard_weights import pad_rows
+
         stored = self.shape(shard.weight)
         # column shards own output features, row shards input features; a Conv1D weight is stored [in, out]
-        dim = (0 if shard.kind == "column" else 1) ^ int(shard.transposed)
+        dim = (0 if shard.kind != "row" else 1) ^ int(shard.transposed)
         if len(stored) != 2:
             raise CheckpointError(f"checkpoint: {shard.weight} is stored with shape {stored}; the plan shards it as a "
                                   f"2-D linear weight of shape {shard.full_shape}")
@@ -162,7 +164,9 @@ class Checkpoint:
             w = w.t()
         b = None
         if shard.bias is not None:
-            b = self.read(shard.bias, 0, shard.cols) if shard.kind == "column" else self.read(shard.bias)
+            b = self.read(shard.bias, 0, shard.cols) if shard.kind != "row" else self.read(shard.bias)
+        if shard.kind == "vocab":  # the last ranks' shards are zero padded to the same row count
+            return pad_rows(w, shard.local_rows), (pad_rows(b, shard.local_rows) if b is not None else None)
         return w.contiguous(), b
 
 

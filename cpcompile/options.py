@@ -10,6 +10,7 @@ LOWERINGS = ("inductor", "aot_eager", "eager")
 COMBINES = ("all_to_all", "ag_rs", "all_gather")
 FFNS = ("tp", "sp", "world_tp")
 DP_INPUTS = ("global", "local")
+VOCABS = ("parallel", "replicate")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class Options:
     dp_inputs: str = "global"
     """With dp > 1: 'global' (every rank passes the same batch; rows are split over the replicas and
     every rank gets the whole batch back) or 'local' (each replica passes its own requests)."""
+    vocab: str = "parallel"
+    """The token embedding and the LM head: 'parallel' (vocab rows split over the replica's tp*cp ranks:
+    a masked local lookup + all-reduce, local logits + all-gather) or 'replicate' (whole on every rank)."""
     kv_interleave: int = 1
     """Runs of this many consecutive tokens go to the same CP rank (DESIGN.md section 2)."""
     lowering: str = "inductor"
@@ -53,6 +57,8 @@ class Options:
             raise ValueError(f"cpcompile: combine={self.combine!r}; expected one of {COMBINES}")
         if self.ffn not in FFNS:
             raise ValueError(f"cpcompile: ffn={self.ffn!r}; expected one of {FFNS}")
+        if self.vocab not in VOCABS:
+            raise ValueError(f"cpcompile: vocab={self.vocab!r}; expected one of {VOCABS}")
         if self.dp_inputs not in DP_INPUTS:
             raise ValueError(f"cpcompile: dp_inputs={self.dp_inputs!r}; expected one of {DP_INPUTS}")
         if self.lowering not in LOWERINGS:

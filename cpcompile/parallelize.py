@@ -148,6 +148,7 @@ def parallelize(
     ffn: str = "tp",
     dp_inputs: str = "global",
     kv_interleave: int = 1,
+    vocab: str = "parallel",
     max_length: int = DEFAULT_MAX_LENGTH,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     max_batch: int = DEFAULT_MAX_BATCH,
@@ -160,7 +161,8 @@ def parallelize(
     """Compile `model` with cpcompile; returns the same model object, ready for `generate()`.
 
     Runs on `dp * tp * cp` ranks (DESIGN.md section 1). `ffn` places the FFN ('tp', 'sp',
-    'world_tp'; section 3); `dp_inputs` says whether every rank passes the same batch ('global':
+    'world_tp'; section 3); `vocab` splits the token embedding and the LM head over the replica's
+    ranks ('parallel', the default) or keeps them whole ('replicate'); `dp_inputs` says whether every rank passes the same batch ('global':
     rows are split over the dp replicas and every rank gets the whole batch back) or each
     replica its own requests ('local'). `max_length` is the most tokens (prompt + generated)
     one sequence may reach; the KV cache is preallocated for it. Prompts run in chunks of at most `prefill_chunk` tokens and
@@ -182,7 +184,7 @@ def parallelize(
         raise ValueError("parallelize: this model is already parallelized by cpcompile")
     options = Options.from_dict(
         dict(tp=tp, cp=cp, dp=dp, combine=combine, ffn=ffn, dp_inputs=dp_inputs, kv_interleave=kv_interleave,
-             lowering=lowering, debug_dir=debug_dir)
+             vocab=vocab, lowering=lowering, debug_dir=debug_dir)
     )  # validates; debug_dir falls back to env CPCOMPILE_DEBUG_DIR
     if max_length < 1:
         raise ValueError(f"parallelize: max_length={max_length}; expected a positive number of tokens")
@@ -305,7 +307,7 @@ def _verify_twin(model, analysis: Analysis, options: Options, max_length: int, p
     twin = verification.twin_model(model.config, o.dp * o.tp * o.cp).to(device)
     try:
         twin = parallelize(twin, tp=o.tp, cp=o.cp, dp=o.dp, combine=o.combine, ffn=o.ffn, dp_inputs=o.dp_inputs,
-                           kv_interleave=o.kv_interleave, max_length=max_length, prefill_chunk=prefill_chunk,
+                           kv_interleave=o.kv_interleave, vocab=o.vocab, max_length=max_length, prefill_chunk=prefill_chunk,
                            max_batch=max_batch, lowering=o.lowering, verify=True)
         differs = verification.same_plan(analysis, twin._cpcompile.analysis)
         if differs:
@@ -346,7 +348,7 @@ def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=
     device = device if ckpt is not None else _device(model)
     groups = init_groups(options.tp, options.cp, options.dp, device)
     info = groups.info
-    shards = shard_weights(analysis, info, options.combine, options.ffn)
+    shards = shard_weights(analysis, info, options.combine, options.ffn, options.vocab)
     params = dict(model.named_parameters())
     local = {}
     for name, shard in shards.items():
@@ -370,13 +372,19 @@ def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=
             local[name] = local_tensors(shard, params[name].detach(), bias.detach() if bias is not None else None)
         for pname in (name, bias_name if bias is not None else None):
             if pname:
-                owner, _, attr = pname.rpartition(".")
-                mod = model.get_submodule(owner)
-                full = mod._parameters[attr]
-                stub = torch.empty(1, dtype=full.dtype, device=device).expand(full.shape)
-                mod._parameters[attr] = torch.nn.Parameter(stub, requires_grad=False)
+                _stand_in(model, params[pname], device)
     names = {k: groups.name(k) for k in ("cp", "tp", "replica", "dp", "world")}
     return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave), shards, local), groups
+
+
+def _stand_in(model, full: torch.nn.Parameter, device) -> None:
+    """Replace `full` by a zero-storage stand-in of its shape, in every module that holds it (a tied
+    embedding and LM head hold one Parameter twice), so no full copy stays referenced."""
+    stub = torch.nn.Parameter(torch.empty(1, dtype=full.dtype, device=device).expand(full.shape), requires_grad=False)
+    for mod in model.modules():
+        for attr, p in list(mod._parameters.items()):
+            if p is full:
+                mod._parameters[attr] = stub
 
 
 def weight_bytes(model) -> int:

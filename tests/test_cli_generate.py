@@ -14,7 +14,6 @@ import torch
 import cpcompile
 from cpcompile.__main__ import main
 from cpcompile.cache import KVCache
-from cpcompile.explain import forward_collectives
 from cpcompile.tiny import tiny_model
 
 PROMPT_LEN, NEW = 8, 8  # the CLI's default prompt for a tiny model: 8 seeded ids
@@ -67,7 +66,7 @@ def _explained(dp: int, tp: int, cp: int, ffn: str, dp_inputs: str) -> dict[str,
     """What cpcompile.explain says one forward of the 2-layer tiny Llama issues, by kind (zeros left out)."""
     report = cpcompile.explain(tiny_model("llama"), tp=tp, cp=cp, dp=dp, ffn=ffn)
     total = collections.Counter(c.kind for cs in report.layer_collectives().values() for c in cs)
-    total.update(c.kind for c in forward_collectives(report.mesh) if dp_inputs == "global" or c.group != "dp")
+    total.update(c.kind for c in report.forward_collectives() if dp_inputs == "global" or c.group != "dp")
     return {k: total[k] for k in KINDS if total[k]}
 
 

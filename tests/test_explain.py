@@ -6,7 +6,6 @@ import sys
 import pytest
 
 import cpcompile
-from cpcompile.explain import forward_collectives
 from cpcompile.tiny import ARCHITECTURES, tiny_model
 
 
@@ -19,7 +18,7 @@ def test_explain_reports_every_layer(arch):
     else:
         assert report.ok, text
     assert text.count("attention, Hq=4") == 2  # both layers, with their head counts
-    assert "lm_head.weight" in text and "replicate" in text
+    assert "lm_head.weight" in text and "vocab/replica" in text  # the vocab split over the tp*cp ranks
     assert "row/replica" in text  # o_proj over the tp*cp ranks
     assert re.search(r"valid \(tp, cp\)", text, re.I) and ("(2, 2)" in text or arch == "deepseek_v3")
 
@@ -34,23 +33,26 @@ def test_explain_names_the_mesh_problem_and_the_valid_meshes():
 def _decode_counts(report, dp_inputs="global"):
     """explain's collectives summed over one forward, by kind (as PassReport counts["collectives"])."""
     total = collections.Counter(c.kind for cs in report.layer_collectives().values() for c in cs)
-    for c in forward_collectives(report.mesh):
+    for c in report.forward_collectives():
         total[c.kind] += dp_inputs == "global" or c.group != "dp"  # the logits' gather is global mode's only
     return {k: total[k] for k in ("all_reduce", "all_to_all", "all_gather", "reduce_scatter")}
 
 
 # dp, tp, cp, combine, ffn -> per-layer kinds over a 2-layer Llama, and the once-per-forward extra
-# (DESIGN.md sections 2-3; the same table as tests/distributed/test_data_parallel.py's expected counts)
+# (DESIGN.md sections 2-3; the same table as tests/distributed/test_data_parallel.py's expected counts).
+# Once per forward at tp*cp > 1: the vocab-parallel embedding (an all-reduce over the replica, or under
+# 'sp' a reduce-scatter over cp + an all-reduce over tp) and the LM head's all-gather of the logits.
 SCHEMES = [
-    ((1, 2, 2, "all_to_all", "tp"), dict(all_to_all=1, all_reduce=2), {}),
-    ((2, 2, 2, "all_to_all", "sp"), dict(all_gather=1, all_to_all=1, reduce_scatter=1, all_reduce=2), dict(all_gather=2)),
-    ((2, 1, 2, "all_to_all", "sp"), dict(all_gather=1, all_to_all=1, reduce_scatter=1), dict(all_gather=2)),
-    ((2, 1, 1, "all_to_all", "world_tp"), dict(all_gather=1, reduce_scatter=1), dict(all_gather=1)),
-    ((2, 2, 1, "ag_rs", "world_tp"), dict(all_gather=1, reduce_scatter=1, all_reduce=2), dict(all_gather=1)),
-    ((2, 1, 2, "ag_rs", "world_tp"), dict(all_gather=2, reduce_scatter=2, all_reduce=2), dict(all_gather=1)),
-    ((1, 2, 2, "all_gather", "sp"), dict(all_gather=2, all_reduce=2), dict(all_gather=1)),  # o stays row/tp
-    ((1, 2, 1, "all_to_all", "sp"), dict(all_reduce=2), {}),  # cp=1: 'sp' is 'tp'
-    ((1, 2, 1, "all_to_all", "world_tp"), dict(all_reduce=2), {}),  # dp=1: 'world_tp' is 'tp'
+    ((1, 2, 2, "all_to_all", "tp"), dict(all_to_all=1, all_reduce=2), dict(all_reduce=1, all_gather=1)),
+    ((2, 2, 2, "all_to_all", "sp"), dict(all_gather=1, all_to_all=1, reduce_scatter=1, all_reduce=2),
+     dict(all_gather=3, reduce_scatter=1, all_reduce=1)),
+    ((2, 1, 2, "all_to_all", "sp"), dict(all_gather=1, all_to_all=1, reduce_scatter=1), dict(all_gather=3, reduce_scatter=1)),
+    ((2, 1, 1, "all_to_all", "world_tp"), dict(all_gather=1, reduce_scatter=1), dict(all_gather=1)),  # tp*cp = 1: no vocab split
+    ((2, 2, 1, "ag_rs", "world_tp"), dict(all_gather=1, reduce_scatter=1, all_reduce=2), dict(all_gather=2, all_reduce=1)),
+    ((2, 1, 2, "ag_rs", "world_tp"), dict(all_gather=2, reduce_scatter=2, all_reduce=2), dict(all_gather=2, all_reduce=1)),
+    ((1, 2, 2, "all_gather", "sp"), dict(all_gather=2, all_reduce=2), dict(all_gather=2, reduce_scatter=1, all_reduce=1)),  # o stays row/tp
+    ((1, 2, 1, "all_to_all", "sp"), dict(all_reduce=2), dict(all_reduce=1, all_gather=1)),  # cp=1: 'sp' is 'tp'
+    ((1, 2, 1, "all_to_all", "world_tp"), dict(all_reduce=2), dict(all_reduce=1, all_gather=1)),  # dp=1: 'world_tp' is 'tp'
 ]
 
 

@@ -7,6 +7,8 @@
 4. rewrite_attention — cache read + attention -> attention_with_lse over this rank's heads
                        and slots, plus the CP combine collectives.           (rewrites)
 5. shard_linears     — sharded projections -> local linears + all-reduces.     (rewrites)
+5b. shard_vocab      — embedding lookups and the LM head over this rank's vocab rows,
+                       + an all-reduce / all-gather over the replica.           (rewrites)
 6. gather_replicas   — dp > 1: the replica-layout marker out; in global mode the
                        outputs all-gathered over the dp group.                  (rewrites)
 7. split_tokens      — ffn='sp' / 'world_tp': the token layout outside attention
@@ -37,6 +39,7 @@ from cpcompile.passes.plan import Mesh, Placement, plan
 from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
 from cpcompile.passes.gather_replicas import gather_replicas, replica_layout
 from cpcompile.passes.shard_linears import shard_linears
+from cpcompile.passes.shard_vocab import shard_vocab
 from cpcompile.passes.split_tokens import TokenSplit, split_tokens
 
 
@@ -63,7 +66,7 @@ def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | No
     normalize_linears(gm, names)
     sites = find_attention_sites(gm)
     roles = find_projections(gm, sites, names)
-    placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn))
+    placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab))
     return Analysis(sites, roles, placements, _notes(gm, sites, roles, names))
 
 
@@ -150,6 +153,11 @@ def run_passes(
     if parallel is not None:
         counts["linears_sharded"] = sum(shard_linears(gm, parallel.shards, parallel.local, parallel.group_names).values())
         dump(gm, "2-shard_linears")
+        info = parallel.info
+        sizes = {"tp": info.tp, "cp": info.cp, "dp": info.dp, "replica": info.tp * info.cp, "world": info.dp * info.tp * info.cp}
+        vocab = shard_vocab(gm, parallel.shards, parallel.local, parallel.group_names, sizes)
+        counts["vocab_sharded"] = vocab["embedding"] + vocab["lm_head"]
+        dump(gm, "2b-shard_vocab")
         layout = replica_layout(gm)
         if options.dp > 1:
             gather_replicas(gm, parallel.info.dp_rank, parallel.group_names["dp"], options.dp_inputs == "global")

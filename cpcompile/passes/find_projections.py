@@ -14,6 +14,11 @@ Cases handled:
     `fc1` + `fc2` for act in between (GPT-NeoX). Anything else there (MoE routers and
     experts, DeepSeek-V3) is `ffn_other` and stays replicated.
   * lm_head: the last linear, reaching the graph output with no linear after it.
+  * embedding: every `F.embedding` lookup into a model parameter (the token embedding; a
+    learned position table too). Recorded as a `Projection` whose [out, in] is the table's
+    [rows, width], so the plan places it like the other weights (vocab-parallel). An embedding
+    table or LM head weight that is also read by anything else (beyond the embedding lookups
+    and the LM head of a tied pair) is `shared` and stays replicated.
 
 Reads the graph, and tags every linear with the name of its weight (`meta["cpcompile_weight"]`),
 which the later passes read. Names come from **tensor identity**: the parameter object behind a
@@ -29,6 +34,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+import torch
+import torch.nn.functional as F
 from torch import fx
 
 from cpcompile.passes._fx import ancestors, descendants, is_op
@@ -40,7 +47,7 @@ from cpcompile.passes.normalize_linears import is_batch_view, is_cast, is_transp
 class Projection:
     node: fx.Node
     role: str
-    layer: int  # -1: outside the decoder layers (lm_head)
+    layer: int  # -1: outside the decoder layers (lm_head, embedding)
     weight: str  # parameter name
     bias: str | None = None
     out_features: int = 0
@@ -183,7 +190,7 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
         if role[lin][0] not in ("lm_head", "other") and _weight_uses(lin.args[1]) > 1:
             role[lin] = ("shared", -1)
 
-    projections = []
+    projections = _embeddings(gm, weights, names)
     for lin in linears:
         r, layer = role[lin]
         w = lin.args[1]
@@ -195,7 +202,45 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
         lin.meta["cpcompile_weight"] = weight  # what shard_linears / split_tokens read
         bias = param_name(b, names) if isinstance(b, fx.Node) else None
         projections.append(Projection(lin, r, layer, weight, bias, int(out_f), int(in_f), transposed))
+    _check_vocab_uses(projections)
     return Roles(projections)
+
+
+def is_embedding(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in (F.embedding, torch.embedding)
+
+
+def embedding_args(n: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """(indices, table) of an embedding lookup (`torch.embedding` takes the table first)."""
+    if n.target is torch.embedding:
+        return n.args[1], n.args[0]
+    return n.args[0], n.args[1] if len(n.args) > 1 else n.kwargs["weight"]
+
+
+def _embeddings(gm: fx.GraphModule, weights: set[fx.Node], names) -> list[Projection]:
+    out = []
+    for n in gm.graph.nodes:
+        if not is_embedding(n):
+            continue
+        table = embedding_args(n)[1]
+        if not isinstance(table, fx.Node) or weight_input(table)[0] not in weights or weight_input(table)[1]:
+            continue  # a computed table: nothing to shard
+        rows, width = (tuple(table.meta.get("example_value", table.meta.get("val")).shape) + (0, 0))[:2]
+        weight = param_name(table, names)
+        n.meta["cpcompile_weight"] = weight
+        out.append(Projection(n, "embedding", -1, weight, None, int(rows), int(width)))
+    return out
+
+
+def _check_vocab_uses(projections: list[Projection]) -> None:
+    """An embedding table / LM head weight is vocab-parallel only if every read of it is one of these
+    lookups or the LM head (a tied pair shares one shard); anything else makes it `shared`."""
+    vocab = [p for p in projections if p.role in ("embedding", "lm_head")]
+    for p in vocab:
+        src = weight_input(p.node.args[1] if p.role == "lm_head" else embedding_args(p.node)[1])[0]
+        known = sum(1 for q in vocab if q.weight == p.weight)
+        if _weight_uses(src) != known:
+            p.role = "shared"
 
 
 def _weight_uses(w: fx.Node) -> int:

@@ -12,12 +12,16 @@ the meshes this model can take.
 | gate, up, fc1            | column over the FFN group (below)       | same               |
 | gate_up                  | packed column over the FFN group        | same               |
 | down, fc2                | row over the FFN group                  | same               |
+| embedding, lm_head       | vocab rows over the replica (`vocab`)   | same               |
 | q_down, kv_down (latents)| replicate                               | same               |
-| ffn_other, lm_head, other|                                         |                    |
+| ffn_other, shared, other |                                         |                    |
 
 The FFN group follows `ffn` (DESIGN.md section 3): 'tp' -> the replica (tp*cp ranks, Helix's
 CP->TP repurposing); 'sp' -> the tp group (each CP rank runs its own token chunk);
 'world_tp' -> all dp*tp*cp ranks (the tokens of every replica are gathered before the FFN).
+The vocab (token embedding rows, LM head output features) is split over the replica whatever
+`ffn` is, since the embedding and the LM head see the replica's own tokens; a vocab not
+divisible by tp*cp is padded with zero rows that the LM head's gather drops.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ _PLACEMENT = {
     "o": "row/replica",
     "gate": "column/ffn", "up": "column/ffn", "fc1": "column/ffn", "gate_up": "packed-column/ffn",
     "down": "row/ffn", "fc2": "row/ffn",
+    "embedding": "vocab/replica", "lm_head": "vocab/replica",
 }
+VOCAB_ROLES = ("embedding", "lm_head")
 FFN_ROLES = ("gate", "up", "fc1", "gate_up", "down", "fc2")
 _FFN_GROUP = {"tp": "replica", "sp": "tp", "world_tp": "world"}
 
@@ -50,6 +56,7 @@ class Mesh:
     dp: int = 1
     combine: str = "all_to_all"
     ffn: str = "tp"
+    vocab: str = "parallel"
 
     @property
     def replica(self) -> int:
@@ -74,6 +81,8 @@ class Placement:
 
 def placement_for(role: str, mesh: Mesh) -> str:
     p = _PLACEMENT.get(role, "replicate")
+    if role in VOCAB_ROLES and mesh.vocab != "parallel":
+        return "replicate"
     if role == "o" and mesh.combine == "all_gather":
         p = "row/tp"
     p = p.replace("/ffn", "/" + _FFN_GROUP.get(mesh.ffn, "replica"))
@@ -128,6 +137,8 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
         if pl == "replicate":
             continue
         group = mesh.size(pl.split("/")[-1])
+        if pl.startswith("vocab"):
+            continue  # a vocab not divisible by the group is padded (shard_weights.vocab_shard)
         dim = p.in_features if pl.startswith("row") else p.out_features
         if pl.startswith("packed"):
             dim //= 2 if p.role in ("gate_up", "kv", "qk", "qv") else 1

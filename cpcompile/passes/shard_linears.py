@@ -70,8 +70,8 @@ def shard_linears(
     done = set()
     for lin in [n for n in g.nodes if is_op(n, "linear")]:
         name = lin.meta.get("cpcompile_weight")  # set by find_projections, by tensor identity
-        if name not in shards:
-            continue  # replicated by the plan
+        if name not in shards or shards[name].kind == "vocab":
+            continue  # replicated by the plan / the LM head (shard_vocab.py)
         done.add(name)
         shard = shards[name]
         w_loc, b_loc = local[name]
@@ -111,7 +111,7 @@ def shard_linears(
         lin.replace_all_uses_with(y)
         g.erase_node(lin)
         counts[shard.kind] += 1
-    missing = sorted(set(shards) - done)
+    missing = sorted(k for k in set(shards) - done if shards[k].kind != "vocab")
     if missing:  # never a silent skip: the rank holds only the shard, so an unrewritten use would be wrong
         raise ValueError(
             f"cpcompile: the plan shards {len(missing)} weight(s) that this graph does not use through a linear it "

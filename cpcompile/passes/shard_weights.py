@@ -11,6 +11,10 @@ did not replicate it decides this rank's columns by dataflow (dependency probing
   * down/fc2 (row over the FFN group: the replica, the tp group under ffn='sp', every rank
     under ffn='world_tp'): input chunk `r` of `I/size` (r = this rank in that group);
     gate/up/fc1/gate_up (column): the output columns that feed that chunk.
+  * embedding / lm_head (vocab over the replica, `vocab_shard`): rows `[r*Vl, (r+1)*Vl)` of the
+    [V, H] table, `Vl = ceil(V / (tp*cp))`; the last ranks' shards are zero padded to `Vl` rows
+    (a padded row is never looked up, and its logit is dropped by the LM head's gather). A tied
+    embedding and LM head share the one shard.
 
 The result is a table `{parameter name: WeightShard}` and the local tensors; the graph rewrite
 (`shard_linears.py`) executes it. Heads are split in contiguous blocks in head order.
@@ -44,6 +48,7 @@ class WeightShard:
     full_shape: tuple[int, int]  # the linear's [out, in]
     bias: str | None = None  # the bias parameter's name
     transposed: bool = False  # the parameter is stored [in, out] (Conv1D): its columns are the outputs
+    local_rows: int = 0  # vocab: rows of the local table, `cols` (the real ones) then zero padding
 
     @property
     def contiguous(self) -> tuple[int, int] | None:
@@ -75,10 +80,10 @@ def group_rank(info: RankInfo, group: str) -> int:
     return info.ranks(group).index(info.rank) if group != "world" else info.rank
 
 
-def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str = "tp") -> dict[str, WeightShard]:
+def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str = "tp", vocab: str = "parallel") -> dict[str, WeightShard]:
     from cpcompile.passes.plan import Mesh
 
-    mesh = Mesh(info.tp, info.cp, info.dp, combine, ffn)
+    mesh = Mesh(info.tp, info.cp, info.dp, combine, ffn, vocab)
     shards: dict[str, WeightShard] = {}
     by_layer: dict[int, list] = {}
     for p in analysis.roles.projections:
@@ -88,7 +93,20 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str =
             _shard_site(shards, site, by_layer.get(site.index, []), info, mesh, combine)
         except ProbeError as e:
             raise ProbeError(f"cpcompile: layer {site.index}: {e}. Run with tp = cp = 1 (see cpcompile.explain).") from e
+    for p in analysis.roles.projections:
+        placement = placement_for(p.role, mesh)
+        if placement.startswith("vocab"):
+            shards[p.weight] = vocab_shard(p, placement.split("/")[-1], info, mesh)
     return shards
+
+
+def vocab_shard(p, group: str, info: RankInfo, mesh) -> WeightShard:
+    """Rows `[r*Vl, min((r+1)*Vl, V))` of a [V, H] table, `Vl = ceil(V / size)`, r = this rank in `group`."""
+    size, r = mesh.size(group), group_rank(info, group)
+    v = p.out_features
+    per = -(-v // size)
+    rows = torch.arange(min(r * per, v), min((r + 1) * per, v))
+    return WeightShard(p.weight, "vocab", group, rows, (p.out_features, p.in_features), p.bias, p.transposed, per)
 
 
 def _shard_site(shards: dict[str, WeightShard], site, layer: list, info: RankInfo, mesh, combine: str) -> None:
@@ -159,6 +177,16 @@ def local_tensors(shard: WeightShard, weight: torch.Tensor, bias: torch.Tensor |
     idx = shard.cols.to(weight.device)
     if shard.transposed:
         weight = weight.t()
+    if shard.kind == "vocab":
+        return pad_rows(weight.index_select(0, idx), shard.local_rows), (
+            pad_rows(bias.index_select(0, idx), shard.local_rows) if bias is not None else None)
     if shard.kind == "column":
         return weight.index_select(0, idx).contiguous(), (bias.index_select(0, idx).contiguous() if bias is not None else None)
     return weight.index_select(1, idx).contiguous(), (bias.detach().clone() if bias is not None else None)
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """`t` with zero rows appended up to `rows` (a vocab shard of the last ranks)."""
+    if t.shape[0] == rows:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))])

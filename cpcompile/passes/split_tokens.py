@@ -230,7 +230,9 @@ class _Splitter:
 
     # ---- sources and sinks ----------------------------------------------------------------
     def _is_embedding(self, n: fx.Node) -> bool:
-        return n.op == "call_function" and n.target in (F.embedding, torch.embedding) and len(shape(n)) == 3
+        """The replica's embedding output (a vocab-parallel lookup's all-reduce is resharded instead)."""
+        return (n.op == "call_function" and n.target in (F.embedding, torch.embedding) and len(shape(n)) == 3
+                and not n.meta.get("cpcompile_local_embedding"))
 
     def _start_chunk(self, n: fx.Node) -> None:
         users = list(n.users)
@@ -294,7 +296,8 @@ class _Splitter:
 
     def _reshards(self, row: dict) -> bool:
         if self.split.ffn == "sp":
-            return self.roles.get(row["weight"]) == "o" and row["group"] == "replica"
+            role = row.get("role") or self.roles.get(row["weight"])
+            return role in ("o", "embedding") and row["group"] == "replica"
         return row["group"] == "world"
 
     # ---- layout changes -------------------------------------------------------------------

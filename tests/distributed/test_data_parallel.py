@@ -86,6 +86,13 @@ def expected_decode_collectives(layers, dp, tp, cp, ffn, dp_inputs):
     total = {k: v * layers for k, v in per_layer.items()}
     total["all_gather"] += (ffn == "sp" and cp > 1)  # before the final norm's consumer, the LM head
     total["all_gather"] += (dp > 1 and dp_inputs == "global")  # the logits of every replica
+    if tp * cp > 1:  # vocab-parallel embedding and LM head over the replica
+        if ffn == "sp" and cp > 1:
+            total["reduce_scatter"] += 1  # the embedding's sum, leaving this CP rank its token chunk
+            total["all_reduce"] += tp > 1  # its remaining sum over tp
+        else:
+            total["all_reduce"] += 1  # the masked lookups' sum
+        total["all_gather"] += 1  # the logits' vocab shards
     return total
 
 

@@ -109,16 +109,17 @@ def test_generate_equals_single_device(request, arch, tp, cp, combine, kv_interl
     layers = res["layers"]
     # FFN down per layer, and o_proj unless it is replicated (all_gather combine at tp = 1:
     # every CP rank then holds all heads)
+    # Plus, once per forward, the vocab-parallel embedding's all-reduce and the LM head's all-gather.
     o_sharded = not (combine == "all_gather" and tp == 1)
-    assert coll["all_reduce"] == (2 if o_sharded else 1) * layers
+    assert coll["all_reduce"] == (2 if o_sharded else 1) * layers + 1
     if cp == 1:
-        assert coll["all_to_all"] == coll["all_gather"] == coll["reduce_scatter"] == 0
+        assert (coll["all_to_all"], coll["all_gather"], coll["reduce_scatter"]) == (0, 1, 0)
     elif combine == "all_to_all":
-        assert (coll["all_to_all"], coll["all_gather"], coll["reduce_scatter"]) == (layers, 0, 0)  # one CP exchange
+        assert (coll["all_to_all"], coll["all_gather"], coll["reduce_scatter"]) == (layers, 1, 0)  # one CP exchange
     elif combine == "ag_rs":
-        assert (coll["all_to_all"], coll["all_gather"], coll["reduce_scatter"]) == (0, layers, layers)
+        assert (coll["all_to_all"], coll["all_gather"], coll["reduce_scatter"]) == (0, layers + 1, layers)
     else:
-        assert (coll["all_to_all"], coll["all_gather"], coll["reduce_scatter"]) == (0, layers, 0)
+        assert (coll["all_to_all"], coll["all_gather"], coll["reduce_scatter"]) == (0, layers + 1, 0)
     # KV per rank: ceil(max_length / (cp*I))*I slots (+ the sink slot) of this TP rank's KV heads,
     # i.e. within one interleave block of 1/cp of one device's, per TP shard
     slots = -(-MAX_LENGTH // (cp * kv_interleave)) * kv_interleave if cp > 1 else MAX_LENGTH

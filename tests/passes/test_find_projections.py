@@ -71,7 +71,7 @@ def test_names_by_identity_not_by_dynamo_source():
     gm = capture_graph(wrapped, ids, attention_mask=torch.ones(1, 16, dtype=torch.long), **{cache_arg(model): cache}, use_cache=True)
     roles = find_projections(gm, find_attention_sites(gm), weight_names(model, gm))
     params = dict(model.named_parameters())
-    assert len(roles.projections) == 15
+    assert len(roles.projections) == 16  # 2 layers x 7 linears, the LM head and the embedding lookup
     assert all(p.weight in params for p in roles.projections)
     assert all(p.node.meta["cpcompile_weight"] == p.weight for p in roles.projections)
     assert {p.weight for p in roles.projections if p.role == "o"} == {f"model.layers.{i}.self_attn.o_proj.weight" for i in (0, 1)}

@@ -128,7 +128,7 @@ def test_a_site_without_projections_is_refused_not_guessed():
     model, gm = hf_graph("llama", linear_form="matmul")
     sites = find_attention_sites(gm)
     roles = find_projections(gm, sites, weight_names(model, gm))  # pass 0 skipped on purpose
-    assert {p.role for p in roles.projections} == set()
+    assert {p.role for p in roles.projections} == {"embedding"}  # the lookup, not a linear
     plan(roles, sites, Mesh(1, 1))
     with pytest.raises(MeshError, match=r"layer 0: no q/k/v/o projection found by dataflow") as e:
         plan(roles, sites, Mesh(1, 2))
@@ -142,5 +142,5 @@ def test_tied_lm_head_written_as_matmul_is_never_o():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     roles = analyze(gm, Options(tp=2, cp=2), weight_names(model, gm)).roles
     head = [p for p in roles.projections if p.weight == "model.embed_tokens.weight"]
-    assert [(p.role, p.layer) for p in head] == [("lm_head", -1)]
+    assert [(p.role, p.layer) for p in head] == [("embedding", -1), ("lm_head", -1)]  # one table, one vocab shard
     assert [p.role for p in roles.by_layer(1)] == ["q", "k", "v", "o", "gate", "up", "down"]
