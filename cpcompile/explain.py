@@ -26,7 +26,7 @@ from cpcompile.passes.plan import FFN_ROLES, Mesh, MeshError, _problems, placeme
 
 # as split_tokens.ATTENTION_INPUT_ROLES: the projections that need every token of the replica
 _ATTENTION_INPUTS = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down")
-_ROW_FFN = ("down", "fc2")
+_ROW_FFN = ("down", "fc2", "shared_down")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,9 @@ def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh) -> list[
     for role in _ROW_FFN:
         if role in roles:
             out += _row(role, role, mesh, reshard=world_tp)
+    expert = placement_for("expert_down", mesh)
+    if "expert_down" in roles and expert != "replicate":
+        out.append(Collective("all_reduce", expert.split("/")[-1], "the routed experts' partial outputs, after the top-k combine"))
     return out
 
 
@@ -161,7 +164,7 @@ class Explanation:
         lines = [
             f"cpcompile.explain: {self.model} at tp={m.tp}, cp={m.cp}, dp={m.dp} "
             f"(combine={m.combine}, ffn={m.ffn}, kv_interleave={self.kv_interleave}"
-            + (f", vocab={m.vocab}" if m.vocab != "parallel" else "") + ")"
+            + (f", vocab={m.vocab}" if m.vocab != "parallel" else "") + (f", moe={m.moe}" if m.moe != "tp" else "") + ")"
         ]
         projections = self.analysis.roles.projections
         width = max((len(p.weight) for p in projections), default=10)
@@ -209,6 +212,7 @@ def explain(
     ffn: str = "tp",
     kv_interleave: int = 1,
     vocab: str = "parallel",
+    moe: str = "tp",
 ) -> Explanation:
     from cpcompile.loading import meta_parameters
     from cpcompile.parallelize import _meta_copy, capture
@@ -218,7 +222,7 @@ def explain(
             "explain: this model is already parallelized (its sharded weights are stand-ins); call "
             "cpcompile.explain on the model before cpcompile.parallelize"
         )
-    mesh = Mesh(tp, cp, dp, combine, ffn, vocab)
+    mesh = Mesh(tp, cp, dp, combine, ffn, vocab, moe)
     # analysed at tp = cp = 1: explain reports mesh problems, never raises on them. An empty model
     # (cpcompile.empty_model: parameters on meta) is traced on a meta copy, as parallelize does.
     analysis = capture(_meta_copy(model) if meta_parameters(model) else model, Options())
@@ -231,6 +235,6 @@ def explain(
     # the same list MeshError gives (invalid settings fall back to the defaults there too)
     valid = valid_meshes(
         analysis.roles, analysis.sites, max(16, mesh.world), combine if combine in COMBINES else "all_to_all",
-        max(dp, 1), ffn if ffn in FFNS else "tp",
+        max(dp, 1), ffn if ffn in FFNS else "tp", moe if moe in ("tp", "ep") else "tp",
     )
     return Explanation(type(model).__name__, mesh, kv_interleave, analysis, problems, valid, error)

@@ -11,6 +11,7 @@ COMBINES = ("all_to_all", "ag_rs", "all_gather")
 FFNS = ("tp", "sp", "world_tp")
 DP_INPUTS = ("global", "local")
 VOCABS = ("parallel", "replicate")
+MOES = ("tp", "ep")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Options:
     vocab: str = "parallel"
     """The token embedding and the LM head: 'parallel' (vocab rows split over the replica's tp*cp ranks:
     a masked local lookup + all-reduce, local logits + all-gather) or 'replicate' (whole on every rank)."""
+    moe: str = "tp"
+    """MoE experts: 'tp' (each expert's intermediate dim split over the FFN group) or 'ep' (E/n whole
+    experts per rank of the FFN group); either way one all-reduce after the routed combine."""
     kv_interleave: int = 1
     """Runs of this many consecutive tokens go to the same CP rank (DESIGN.md section 2)."""
     lowering: str = "inductor"
@@ -59,6 +63,8 @@ class Options:
             raise ValueError(f"cpcompile: ffn={self.ffn!r}; expected one of {FFNS}")
         if self.vocab not in VOCABS:
             raise ValueError(f"cpcompile: vocab={self.vocab!r}; expected one of {VOCABS}")
+        if self.moe not in MOES:
+            raise ValueError(f"cpcompile: moe={self.moe!r}; expected one of {MOES}")
         if self.dp_inputs not in DP_INPUTS:
             raise ValueError(f"cpcompile: dp_inputs={self.dp_inputs!r}; expected one of {DP_INPUTS}")
         if self.lowering not in LOWERINGS:

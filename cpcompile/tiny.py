@@ -4,7 +4,7 @@ benchmarks (no downloads: weights are seeded random).
 `tiny_model("llama")` builds `AutoModelForCausalLM.from_config(tiny_config("llama"))` under a
 fixed seed. Sizes are small but keep every structural feature: GQA, q/k norms, sliding
 window, softcaps, fused qkv/gate_up, partial rotary with parallel residual, MLA with
-`Dk != Dv` and MoE layers.
+`Dk != Dv` and MoE layers (routed experts, shared experts).
 """
 
 from __future__ import annotations
@@ -55,16 +55,23 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
             qk_nope_head_dim=16,
             v_head_dim=12,
         ),
+        # MoE (transformers' 3-D experts, "grouped_mm" implementation): top-2 of 4; the second has a
+        # shared expert beside top-3 of 4 routed ones
+        "mixtral": transformers.MixtralConfig(**{**c, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": transformers.Qwen2MoeConfig(
+            **c, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=3
+        ),
     }
 
 
-ARCHITECTURES = tuple(_configs())
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe")  # beside ARCHITECTURES (whose sweeps they would lengthen)
+ARCHITECTURES = tuple(a for a in _configs() if a not in MOE_ARCHITECTURES)
 
 
 def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
     configs = _configs()
     if arch not in configs:
-        raise ValueError(f"tiny_config: unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+        raise ValueError(f"tiny_config: unknown architecture {arch!r}; expected one of {ARCHITECTURES + MOE_ARCHITECTURES}")
     cfg = configs[arch]
     for k, v in overrides.items():
         setattr(cfg, k, v)

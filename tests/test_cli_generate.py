@@ -115,7 +115,7 @@ def test_two_cp_ranks_agree_and_hold_half_the_kv(reference):
         assert kv <= 0.6 * reference["kv"]  # half the slots (+ at most a sink slot)
         assert ffn_tokens == "1"  # ffn='tp': every rank of the replica runs the FFN on its one token
         assert sent == sum(b for _, b in collectives.values())
-    assert {k: c for k, (c, _) in collectives.items()} == _explained(1, 1, 2, "tp", "global") == {"all_reduce": 4, "all_to_all": 2}
+    assert {k: c for k, (c, _) in collectives.items()} == _explained(1, 1, 2, "tp", "global") == {"all_reduce": 5, "all_to_all": 2, "all_gather": 1}  # + the vocab-parallel embedding and LM head
     assert "tokens: identical on all 2 ranks" in out
 
 

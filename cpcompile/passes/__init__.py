@@ -9,6 +9,8 @@
 5. shard_linears     — sharded projections -> local linears + all-reduces.     (rewrites)
 5b. shard_vocab      — embedding lookups and the LM head over this rank's vocab rows,
                        + an all-reduce / all-gather over the replica.           (rewrites)
+5c. shard_experts    — MoE grouped matmuls over this rank's expert columns (moe='tp') or
+                       experts (moe='ep'), + one all-reduce after the routed combine. (rewrites)
 6. gather_replicas   — dp > 1: the replica-layout marker out; in global mode the
                        outputs all-gathered over the dp group.                  (rewrites)
 7. split_tokens      — ffn='sp' / 'world_tp': the token layout outside attention
@@ -40,6 +42,7 @@ from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attent
 from cpcompile.passes.gather_replicas import gather_replicas, replica_layout
 from cpcompile.passes.shard_linears import shard_linears
 from cpcompile.passes.shard_vocab import shard_vocab
+from cpcompile.passes.shard_experts import shard_experts
 from cpcompile.passes.split_tokens import TokenSplit, split_tokens
 
 
@@ -66,7 +69,7 @@ def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | No
     normalize_linears(gm, names)
     sites = find_attention_sites(gm)
     roles = find_projections(gm, sites, names)
-    placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab))
+    placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab, options.moe))
     return Analysis(sites, roles, placements, _notes(gm, sites, roles, names))
 
 
@@ -158,6 +161,10 @@ def run_passes(
         vocab = shard_vocab(gm, parallel.shards, parallel.local, parallel.group_names, sizes)
         counts["vocab_sharded"] = vocab["embedding"] + vocab["lm_head"]
         dump(gm, "2b-shard_vocab")
+        experts = shard_experts(gm, parallel.shards, parallel.local, parallel.group_names,
+                                {p.weight: p.role for p in analysis.roles.projections})
+        counts["experts_sharded"] = experts["expert_tp"] + experts["expert_ep"]
+        dump(gm, "2c-shard_experts")
         layout = replica_layout(gm)
         if options.dp > 1:
             gather_replicas(gm, parallel.info.dp_rank, parallel.group_names["dp"], options.dp_inputs == "global")
@@ -183,7 +190,7 @@ def ffn_tokens(gm: fx.GraphModule, analysis: Analysis) -> list[int]:
     """Tokens each layer's FFN processes on this rank per run of the graph (padding included):
     the rows of down/fc2's input. The duplicated-work counter: `ceil(T/cp)` under ffn='sp'."""
     from cpcompile.passes._fx import shape
-    down = {p.weight for p in analysis.roles.projections if p.role in ("down", "fc2")}
+    down = {p.weight for p in analysis.roles.projections if p.role in ("down", "fc2", "shared_down")}
     out = []
     for n in gm.graph.nodes:
         if is_op(n, "linear"):

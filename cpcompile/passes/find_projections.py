@@ -14,6 +14,14 @@ Cases handled:
     `fc1` + `fc2` for act in between (GPT-NeoX). Anything else there (MoE routers and
     experts, DeepSeek-V3) is `ffn_other` and stays replicated.
   * lm_head: the last linear, reaching the graph output with no linear after it.
+  * expert_up / expert_down (MoE): a grouped matmul (`torch._grouped_mm`, `F.grouped_mm`, or
+    transformers' `grouped_mm_fallback`: the "grouped_mm" experts implementation) over a 3-D
+    parameter `[E, out, in]` (or `[E, in, out]`) whose rows are grouped by the routing offsets;
+    `expert_up` (gate_up or up) is the one whose output reaches the input of another with the same
+    offsets, `expert_down`. Their `Projection` has `experts = E` and [out, in] per expert. The
+    router and whatever else the MoE block holds keep the roles above (the router: `ffn_other`,
+    replicated; a shared expert's gate/up/down triple, found among the block's linears by the same
+    act(gate) * up rule: `shared_gate` / `shared_up` / `shared_down`, placed as the experts are).
   * embedding: every `F.embedding` lookup into a model parameter (the token embedding; a
     learned position table too). Recorded as a `Projection` whose [out, in] is the table's
     [rows, width], so the plan places it like the other weights (vocab-parallel). An embedding
@@ -38,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from cpcompile.passes._fx import ancestors, descendants, is_op
+from cpcompile.passes._fx import ancestors, descendants, is_op, val
 from cpcompile.passes.find_attention import AttentionSite
 from cpcompile.passes.normalize_linears import is_batch_view, is_cast, is_transpose
 
@@ -53,6 +61,8 @@ class Projection:
     out_features: int = 0
     in_features: int = 0
     transposed: bool = False  # the parameter is stored [in, out] (Conv1D); slices follow it
+    experts: int = 0  # expert_up / expert_down: E, the leading dim of the 3-D parameter
+    offsets: fx.Node | None = None  # expert_up / expert_down: the grouped matmul's routing offsets
 
 
 @dataclass
@@ -182,6 +192,7 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
         window = [n for n in linears if n not in role and ends[i] < order[n] < starts[i + 1]]
         for lin, r in _ffn_roles(window).items():
             role[lin] = (r, i)
+    experts = _experts(gm, weights, names, lambda n: next((i for i in range(len(sites)) if ends[i] < order[n] < starts[i + 1]), -1))
     for lin in linears:
         role.setdefault(lin, ("other", -1))
     # A weight used in more than one place (an LM head tied to the embedding, a projection shared by
@@ -203,7 +214,63 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
         bias = param_name(b, names) if isinstance(b, fx.Node) else None
         projections.append(Projection(lin, r, layer, weight, bias, int(out_f), int(in_f), transposed))
     _check_vocab_uses(projections)
-    return Roles(projections)
+    return Roles(projections + experts)
+
+
+def _grouped_mm_ops() -> tuple:
+    ops = [getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)]
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None:
+        ops += [fallback, fallback.default]
+    return tuple(o for o in ops if o is not None)
+
+
+def is_grouped_mm(n: fx.Node) -> bool:
+    """`grouped_mm(x [S, in], W [E, in, out], offs=...)`: row group g of x times W[g]."""
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in _grouped_mm_ops()
+
+
+def grouped_mm_args(n: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """(x, W, offs) of a grouped matmul."""
+    offs = n.kwargs.get("offs", n.args[2] if len(n.args) > 2 else None)
+    return n.args[0], n.args[1], offs
+
+
+def _expert_weight(w: fx.Node) -> tuple[fx.Node, bool]:
+    """The 3-D graph input behind a grouped matmul's weight argument [E, in, out], and whether it
+    is stored transposed from that, i.e. [E, out, in] (HF's gate_up_proj / down_proj)."""
+    flips = 0
+    while w.op in ("call_method", "call_function") and w.all_input_nodes:
+        if (w.op == "call_method" and w.target == "transpose" or w.target is torch.transpose) and \
+                {d % 3 for d in w.args[1:3]} == {1, 2}:
+            flips += 1
+        elif not is_cast(w):
+            break
+        w = w.args[0]
+    return w, bool(flips % 2)
+
+
+def _experts(gm: fx.GraphModule, weights: set[fx.Node], names, layer_of) -> list[Projection]:
+    """expert_up / expert_down pairs of grouped matmuls over 3-D parameters (see the module docstring)."""
+    grouped = [n for n in gm.graph.nodes if is_grouped_mm(n)]
+    out = []
+    for up in grouped:
+        _, w_up, offs = grouped_mm_args(up)
+        src_up, _ = _expert_weight(w_up)
+        downs = [d for d in descendants([up], lambda n: is_grouped_mm(n) and n is not up) if is_grouped_mm(d) and d is not up]
+        if src_up not in weights or len(downs) != 1 or grouped_mm_args(downs[0])[2] is not offs:
+            continue
+        down = downs[0]
+        src_down, _ = _expert_weight(grouped_mm_args(down)[1])
+        if src_down not in weights or layer_of(up) < 0:
+            continue
+        for node, role in ((up, "expert_up"), (down, "expert_down")):
+            w = grouped_mm_args(node)[1]
+            src, stored_out_in = _expert_weight(w)
+            e, i, o = (int(d) for d in val(w).shape)  # the matmul's [E, in, out]
+            node.meta["cpcompile_weight"] = weight = param_name(src, names)
+            out.append(Projection(node, role, layer_of(up), weight, None, o, i, not stored_out_in, e, offs))
+    return out
 
 
 def is_embedding(n: fx.Node) -> bool:
@@ -307,4 +374,13 @@ def _ffn_roles(window: list[fx.Node]) -> dict[fx.Node, str]:
             if split and product:
                 return {a: "gate_up", c: "down"}
             return {a: "fc1", c: "fc2"}
-    return {lin: "ffn_other" for lin in window}
+    out = {lin: "ffn_other" for lin in window}
+    if len(window) > 3:  # a MoE block: a dense gate/up/down triple beside the router (a shared expert)
+        for c in window:
+            feeding = [x for x in window if x is not c and _first_linears_forward(x) == {c}]
+            if len(feeding) == 2 and _unviewed(feeding[0].args[0]) is _unviewed(feeding[1].args[0]):
+                a, b = feeding
+                if _feeds_product_directly(a) != _feeds_product_directly(b):
+                    gate, up = (b, a) if _feeds_product_directly(a) else (a, b)
+                    out.update({gate: "shared_gate", up: "shared_up", c: "shared_down"})
+    return out

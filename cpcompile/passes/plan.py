@@ -12,6 +12,9 @@ the meshes this model can take.
 | gate, up, fc1            | column over the FFN group (below)       | same               |
 | gate_up                  | packed column over the FFN group        | same               |
 | down, fc2                | row over the FFN group                  | same               |
+| expert_up (MoE)          | moe='tp': expert-column over the FFN group; moe='ep': expert (E/n experts each) | same |
+| expert_down (MoE)        | moe='tp': expert-row over the FFN group;    moe='ep': expert                  | same |
+| shared_gate/up/down      | column / column / row over the MoE group| same               |
 | embedding, lm_head       | vocab rows over the replica (`vocab`)   | same               |
 | q_down, kv_down (latents)| replicate                               | same               |
 | ffn_other, shared, other |                                         |                    |
@@ -21,14 +24,16 @@ CP->TP repurposing); 'sp' -> the tp group (each CP rank runs its own token chunk
 'world_tp' -> all dp*tp*cp ranks (the tokens of every replica are gathered before the FFN).
 The vocab (token embedding rows, LM head output features) is split over the replica whatever
 `ffn` is, since the embedding and the LM head see the replica's own tokens; a vocab not
-divisible by tp*cp is padded with zero rows that the LM head's gather drops.
+divisible by tp*cp is padded with zero rows that the LM head's gather drops. MoE experts use
+the FFN group too, except under 'world_tp', where they stay on the replica (the routed grouped
+matmuls are not token-wise, so the replicas' tokens are not gathered for them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cpcompile.options import COMBINES, FFNS
+from cpcompile.options import COMBINES, FFNS, MOES
 from cpcompile.passes.find_attention import AttentionSite
 from cpcompile.passes.find_projections import Roles
 
@@ -39,9 +44,14 @@ _PLACEMENT = {
     "gate": "column/ffn", "up": "column/ffn", "fc1": "column/ffn", "gate_up": "packed-column/ffn",
     "down": "row/ffn", "fc2": "row/ffn",
     "embedding": "vocab/replica", "lm_head": "vocab/replica",
+    "expert_up": "expert-column/moe", "expert_down": "expert-row/moe",
+    "shared_gate": "column/moe", "shared_up": "column/moe", "shared_down": "row/moe",
 }
+EXPERT_ROLES = ("expert_up", "expert_down")
+_MOE_GROUP = {"tp": "replica", "sp": "tp", "world_tp": "replica"}
 VOCAB_ROLES = ("embedding", "lm_head")
 FFN_ROLES = ("gate", "up", "fc1", "gate_up", "down", "fc2")
+SHARED_EXPERT_ROLES = ("shared_gate", "shared_up", "shared_down")  # a MoE block's dense expert: the MoE group
 _FFN_GROUP = {"tp": "replica", "sp": "tp", "world_tp": "world"}
 
 
@@ -57,6 +67,7 @@ class Mesh:
     combine: str = "all_to_all"
     ffn: str = "tp"
     vocab: str = "parallel"
+    moe: str = "tp"
 
     @property
     def replica(self) -> int:
@@ -85,7 +96,9 @@ def placement_for(role: str, mesh: Mesh) -> str:
         return "replicate"
     if role == "o" and mesh.combine == "all_gather":
         p = "row/tp"
-    p = p.replace("/ffn", "/" + _FFN_GROUP.get(mesh.ffn, "replica"))
+    if role in EXPERT_ROLES and mesh.moe == "ep":
+        p = "expert/moe"
+    p = p.replace("/ffn", "/" + _FFN_GROUP.get(mesh.ffn, "replica")).replace("/moe", "/" + _MOE_GROUP.get(mesh.ffn, "replica"))
     if p == "replicate":
         return p
     return "replicate" if mesh.size(p.split("/")[-1]) == 1 else p
@@ -105,6 +118,8 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
         out.append(f"combine={mesh.combine!r} is not one of {COMBINES}")
     if mesh.ffn not in FFNS:
         out.append(f"ffn={mesh.ffn!r} is not one of {FFNS}")
+    if mesh.moe not in MOES:
+        out.append(f"moe={mesh.moe!r} is not one of {MOES}")
     for name, n in (("tp", mesh.tp), ("cp", mesh.cp), ("dp", mesh.dp)):
         if n < 1:
             out.append(f"{name}={n} must be >= 1")
@@ -139,7 +154,13 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
         group = mesh.size(pl.split("/")[-1])
         if pl.startswith("vocab"):
             continue  # a vocab not divisible by the group is padded (shard_weights.vocab_shard)
-        dim = p.in_features if pl.startswith("row") else p.out_features
+        if pl.startswith("expert/"):
+            if p.experts % group:
+                out.append(f"{p.weight} ({p.role}): {p.experts} experts not divisible by {group} ({pl}, moe='ep'); use moe='tp'")
+            continue
+        if pl.startswith("expert-column"):
+            continue  # its columns follow expert_down's input chunk (checked there)
+        dim = p.in_features if pl.startswith(("row", "expert-row")) else p.out_features
         if pl.startswith("packed"):
             dim //= 2 if p.role in ("gate_up", "kv", "qk", "qv") else 1
         if dim % group:
@@ -168,14 +189,15 @@ def missing_roles(roles: Roles, sites: list[AttentionSite]) -> list[str]:
 
 
 def valid_meshes(
-    roles: Roles, sites: list[AttentionSite], max_world: int = 16, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp"
+    roles: Roles, sites: list[AttentionSite], max_world: int = 16, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp",
+    moe: str = "tp",
 ) -> list[tuple[int, int]]:
     """The (tp, cp) this model can take at `dp` replicas, up to `max_world` ranks in all."""
     return [
         (tp, cp)
         for tp in range(1, max_world // dp + 1)
         for cp in range(1, max_world // (dp * tp) + 1)
-        if not _problems(roles, sites, Mesh(tp, cp, dp, combine, ffn))
+        if not _problems(roles, sites, Mesh(tp, cp, dp, combine, ffn, moe=moe))
     ]
 
 
@@ -185,8 +207,10 @@ def validate_mesh(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> None:
         combine = mesh.combine if mesh.combine in COMBINES else "all_to_all"
         ffn = mesh.ffn if mesh.ffn in FFNS else "tp"
         dp = max(mesh.dp, 1)
-        valid = valid_meshes(roles, sites, max(16, mesh.world), combine, dp, ffn)
+        moe = mesh.moe if mesh.moe in MOES else "tp"
+        valid = valid_meshes(roles, sites, max(16, mesh.world), combine, dp, ffn, moe)
         at = f", dp={dp}, ffn={ffn!r}" if (dp, ffn) != (1, "tp") else ""
+        at += f", moe={moe!r}" if moe != "tp" else ""
         raise MeshError(
             f"this model cannot run at dp={mesh.dp}, tp={mesh.tp}, cp={mesh.cp}, combine={mesh.combine!r}, "
             f"ffn={mesh.ffn!r}:\n  - "

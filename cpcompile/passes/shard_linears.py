@@ -70,8 +70,8 @@ def shard_linears(
     done = set()
     for lin in [n for n in g.nodes if is_op(n, "linear")]:
         name = lin.meta.get("cpcompile_weight")  # set by find_projections, by tensor identity
-        if name not in shards or shards[name].kind == "vocab":
-            continue  # replicated by the plan / the LM head (shard_vocab.py)
+        if name not in shards or shards[name].kind not in ("column", "row"):
+            continue  # replicated by the plan / vocab and experts (shard_vocab.py, shard_experts.py)
         done.add(name)
         shard = shards[name]
         w_loc, b_loc = local[name]
@@ -111,7 +111,7 @@ def shard_linears(
         lin.replace_all_uses_with(y)
         g.erase_node(lin)
         counts[shard.kind] += 1
-    missing = sorted(k for k in set(shards) - done if shards[k].kind != "vocab")
+    missing = sorted(k for k in set(shards) - done if shards[k].kind in ("column", "row"))
     if missing:  # never a silent skip: the rank holds only the shard, so an unrewritten use would be wrong
         raise ValueError(
             f"cpcompile: the plan shards {len(missing)} weight(s) that this graph does not use through a linear it "

@@ -11,6 +11,11 @@ did not replicate it decides this rank's columns by dataflow (dependency probing
   * down/fc2 (row over the FFN group: the replica, the tp group under ffn='sp', every rank
     under ffn='world_tp'): input chunk `r` of `I/size` (r = this rank in that group);
     gate/up/fc1/gate_up (column): the output columns that feed that chunk.
+  * expert_up / expert_down (MoE, `expert_shards`), over the MoE group (the FFN group; the replica
+    under ffn='world_tp'). moe='tp': expert_down's input chunk `r` of `I/size` in every expert
+    (kind "expert-row") and expert_up's output columns that feed it (found by probing, so a packed
+    gate_up, concatenated or interleaved, needs no rule; "expert-column"). moe='ep': experts
+    `[r*E/size, (r+1)*E/size)` whole (kind "expert"), `cols` then lists experts.
   * embedding / lm_head (vocab over the replica, `vocab_shard`): rows `[r*Vl, (r+1)*Vl)` of the
     [V, H] table, `Vl = ceil(V / (tp*cp))`; the last ranks' shards are zero padded to `Vl` rows
     (a padded row is never looked up, and its logit is dropped by the LM head's gather). A tied
@@ -80,10 +85,11 @@ def group_rank(info: RankInfo, group: str) -> int:
     return info.ranks(group).index(info.rank) if group != "world" else info.rank
 
 
-def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str = "tp", vocab: str = "parallel") -> dict[str, WeightShard]:
+def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str = "tp", vocab: str = "parallel",
+                  moe: str = "tp") -> dict[str, WeightShard]:
     from cpcompile.passes.plan import Mesh
 
-    mesh = Mesh(info.tp, info.cp, info.dp, combine, ffn, vocab)
+    mesh = Mesh(info.tp, info.cp, info.dp, combine, ffn, vocab, moe)
     shards: dict[str, WeightShard] = {}
     by_layer: dict[int, list] = {}
     for p in analysis.roles.projections:
@@ -95,9 +101,30 @@ def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str =
             raise ProbeError(f"cpcompile: layer {site.index}: {e}. Run with tp = cp = 1 (see cpcompile.explain).") from e
     for p in analysis.roles.projections:
         placement = placement_for(p.role, mesh)
+        if p.role == "expert_down" and placement != "replicate":
+            up = next(q for q in analysis.roles.projections if q.role == "expert_up" and q.offsets is p.offsets)
+            shards.update(expert_shards(up, p, placement, info, mesh))
         if placement.startswith("vocab"):
             shards[p.weight] = vocab_shard(p, placement.split("/")[-1], info, mesh)
     return shards
+
+
+def expert_shards(up, down, placement: str, info: RankInfo, mesh) -> dict[str, WeightShard]:
+    group = placement.split("/")[-1]
+    size, r = mesh.size(group), group_rank(info, group)
+    if placement.startswith("expert/"):  # moe='ep': whole experts
+        per = down.experts // size
+        experts = torch.arange(r * per, (r + 1) * per)
+        return {p.weight: WeightShard(p.weight, "expert", group, experts, (p.out_features, p.in_features), None, p.transposed)
+                for p in (up, down)}
+    per = down.in_features // size
+    c0, c1 = r * per, (r + 1) * per
+    cols = column_support(up.node, down.node.args[0], lambda t: t[..., c0:c1])
+    return {
+        up.weight: WeightShard(up.weight, "expert-column", group, cols, (up.out_features, up.in_features), None, up.transposed),
+        down.weight: WeightShard(down.weight, "expert-row", group, torch.arange(c0, c1), (down.out_features, down.in_features),
+                                 None, down.transposed),
+    }
 
 
 def vocab_shard(p, group: str, info: RankInfo, mesh) -> WeightShard:
@@ -111,8 +138,9 @@ def vocab_shard(p, group: str, info: RankInfo, mesh) -> WeightShard:
 
 def _shard_site(shards: dict[str, WeightShard], site, layer: list, info: RankInfo, mesh, combine: str) -> None:
     """The shards of one attention site's projections and of its layer's FFN, into `shards`."""
-    from cpcompile.passes.plan import FFN_ROLES
+    from cpcompile.passes.plan import EXPERT_ROLES, FFN_ROLES, SHARED_EXPERT_ROLES
 
+    FFN_ROLES = FFN_ROLES + SHARED_EXPERT_ROLES  # a shared expert is sharded as a dense FFN
     d = site.dims
     heads = head_ranges(info, d["Hq"], combine)
     kv0, kv1 = kv_head_range(d["Hkv"], info.tp, info.tp_rank)
@@ -120,8 +148,8 @@ def _shard_site(shards: dict[str, WeightShard], site, layer: list, info: RankInf
     ffn_row = None
     for p in layer:
         placement = placement_for(p.role, mesh)
-        if placement == "replicate":
-            continue
+        if placement == "replicate" or p.role in EXPERT_ROLES:
+            continue  # experts: expert_shards
         kind, group = ("row" if placement.startswith("row") else "column"), placement.split("/")[-1]
         lin = p.node
         if kind == "column" and p.role not in FFN_ROLES:
@@ -175,6 +203,10 @@ def local_tensors(shard: WeightShard, weight: torch.Tensor, bias: torch.Tensor |
     """This rank's copy of a weight (and bias), in linear's [out, in] orientation: rows for column
     shards, columns for row shards (of the transpose, for a weight stored [in, out])."""
     idx = shard.cols.to(weight.device)
+    if shard.kind.startswith("expert"):  # kept as stored: [E, out, in], or [E, in, out] when transposed
+        out_dim, in_dim = (2, 1) if shard.transposed else (1, 2)
+        dim = {"expert": 0, "expert-column": out_dim, "expert-row": in_dim}[shard.kind]
+        return weight.index_select(dim, idx).contiguous(), None
     if shard.transposed:
         weight = weight.t()
     if shard.kind == "vocab":

@@ -1,0 +1,170 @@
+"""Pass 5c — MoE experts over the MoE group: tensor-parallel (moe='tp') or expert-parallel (moe='ep').
+
+Cases handled (the `expert_up` / `expert_down` grouped matmuls find_projections found, with the
+shards `shard_weights.expert_shards` decided; `grouped_mm(x [S, in], W [E, in, out], offs)` runs row
+group g of x, the rows routed to expert g after HF sorted them by expert, through W[g]):
+  * moe='tp' ("expert-column" / "expert-row"): as a dense FFN. expert_up runs on this rank's
+    columns of every expert and is placed back at their positions of the full width (zeros
+    elsewhere, as shard_linears does); expert_down reads its input chunk and makes a partial sum.
+    Every token visits its experts on every rank.
+  * moe='ep' ("expert"): this rank holds experts [e0, e1) whole. Each grouped matmul runs only on
+    the rows routed to them: x's rows are rotated so that the first local row comes first
+    (`start = offs[e0-1]`), the local offsets are `offs[e0:e1] - start`, and the result is rotated
+    back with the rows of other experts set to zero (`where`, so rows a kernel left unwritten can
+    never leak). The routing weights of other experts thus meet zeros: nothing is dropped, the
+    shapes stay static.
+  * either way the partial sum is not reduced at once: the all-reduce is sunk through the ops that
+    are linear in it (the routing-weight product, the un-permute, the sum over top-k, views, casts
+    that do not narrow), so there is one all-reduce per MoE layer of [tokens, H], after the routed
+    combine, instead of one of [tokens * top_k, H].
+
+Before (moe='ep', 2 ranks, E = 4, rank 1):
+    y = grouped_mm(x, W_up.transpose(-2, -1), offs=offs); ...; z = grouped_mm(h, W_down.transpose(-2, -1), offs=offs)
+    out = (z * w[:, None])[inv].view(T, k, H).sum(1)
+After:
+    start = offs[1]; end = offs[3]; rot = (arange(S) + start) % S; back = (arange(S) - start) % S
+    keep = (arange(S) >= start) & (arange(S) < end)
+    y = where(keep[:, None], grouped_mm(x[rot], W_up_loc.transpose(-2, -1), offs=offs[2:4] - start)[back], 0)
+    ... the same for z ...;  out = wait_tensor(all_reduce((z * w[:, None])[inv].view(T, k, H).sum(1), 'sum', replica))
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from cpcompile.passes._fx import insert_call, is_op, shape, val
+from cpcompile.passes.find_projections import grouped_mm_args, is_grouped_mm
+from cpcompile.passes.shard_linears import _const, all_reduce
+from cpcompile.passes.shard_weights import WeightShard
+
+# ops through which an all-reduce may be moved: linear in the partial sum (the other operands
+# do not depend on it), so sum_r f(p_r) == f(sum_r p_r)
+_LINEAR_METHODS = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "permute", "transpose", "contiguous", "clone", "sum"}
+_LINEAR_FUNCTIONS = (operator.getitem, torch.reshape, torch.flatten, torch.unsqueeze, torch.squeeze, torch.sum)
+_CASTS = {"to", "type", "float", "double"}
+
+
+def shard_experts(
+    gm: fx.GraphModule,
+    shards: dict[str, WeightShard],
+    local: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+    group_names: dict[str, str],
+    roles: dict[str, str],
+) -> dict[str, int]:
+    """`roles`: parameter name -> role (expert_up / expert_down). Returns counts: expert grouped matmuls rewritten (tp / ep) and all-reduces inserted."""
+    g = gm.graph
+    counts = {"expert_tp": 0, "expert_ep": 0, "all_reduce": 0}
+    done = set()
+    rotations: dict[tuple, tuple] = {}
+    for n in list(g.nodes):
+        name = n.meta.get("cpcompile_weight")
+        if not is_grouped_mm(n) or name not in shards:
+            continue
+        shard, (w_loc, _) = shards[name], local[name]
+        done.add(name)
+        x, w, offs = grouped_mm_args(n)
+        with g.inserting_before(n):
+            w_node = _const(gm, w_loc.to(val(w).dtype), "_cpcompile_w")
+            if not shard.transposed:  # stored [E, out, in]: the matmul reads it transposed, as HF's code does
+                w_node = insert_call(g, torch.transpose, (w_node, -2, -1))
+            if shard.kind == "expert":
+                key = (offs, int(shard.cols[0]), int(shard.cols[-1]) + 1)
+                if key not in rotations:
+                    rotations[key] = _rotation(g, offs, key[1], key[2], shape(x)[0])
+                y = _local_experts(g, n, x, w_node, rotations[key])
+                counts["expert_ep"] += 1
+            elif shard.kind == "expert-column":
+                y = _grouped(g, n, x, w_node, offs)
+                y = _place_columns(gm, g, y, shard, shape(n)[-1])
+                counts["expert_tp"] += 1
+            else:
+                c = shard.cols
+                x_loc = insert_call(g, operator.getitem, (x, (Ellipsis, slice(int(c[0]), int(c[-1]) + 1))))
+                y = _grouped(g, n, x_loc, w_node, offs)
+                counts["expert_tp"] += 1
+        n.replace_all_uses_with(y)
+        g.erase_node(n)
+        if roles.get(name) == "expert_down":
+            _sink_all_reduce(g, y, group_names[shard.group])
+            counts["all_reduce"] += 1
+    missing = sorted(k for k, s in shards.items() if s.kind.startswith("expert") and k not in done)
+    if missing:
+        raise ValueError(f"cpcompile: the plan shards the experts {missing[:4]}, but this graph runs them through no grouped "
+                         "matmul it recognised; please report this model.")
+    g.lint()
+    gm.recompile()
+    return counts
+
+
+def _grouped(g: fx.Graph, n: fx.Node, x, w, offs) -> fx.Node:
+    kwargs = dict(n.kwargs)
+    args = list(n.args)
+    args[0], args[1] = x, w
+    if "offs" in kwargs:
+        kwargs["offs"] = offs
+    elif len(args) > 2:
+        args[2] = offs
+    return insert_call(g, n.target, tuple(args), kwargs)
+
+
+def _place_columns(gm, g: fx.Graph, y: fx.Node, shard: WeightShard, width: int) -> fx.Node:
+    """This rank's columns back at their positions of the full width, zeros elsewhere."""
+    block = shard.contiguous
+    if block is not None:
+        return insert_call(g, F.pad, (y, (block[0], width - block[1])))
+    n = len(shard.cols)
+    perm = torch.full((width,), n, dtype=torch.long)
+    perm[shard.cols] = torch.arange(n)
+    padded = insert_call(g, F.pad, (y, (0, 1)))
+    return insert_call(g, torch.Tensor.index_select, (padded, -1, _const(gm, perm, "_cpcompile_idx")))
+
+
+def _rotation(g: fx.Graph, offs: fx.Node, e0: int, e1: int, rows: int) -> tuple:
+    """(rot, back, keep, local offsets) for experts [e0, e1): see the module docstring."""
+    start = insert_call(g, operator.getitem, (offs, e0 - 1)) if e0 > 0 else 0
+    end = insert_call(g, operator.getitem, (offs, e1 - 1))
+    ar = insert_call(g, torch.arange, (rows,), {"device": val(offs).device})
+    rot = insert_call(g, operator.mod, (insert_call(g, operator.add, (ar, start)), rows))
+    back = insert_call(g, operator.mod, (insert_call(g, operator.sub, (ar, start)), rows))
+    keep = insert_call(g, operator.and_, (insert_call(g, operator.ge, (ar, start)), insert_call(g, operator.lt, (ar, end))))
+    local_offs = insert_call(g, operator.getitem, (offs, slice(e0, e1)))
+    if e0 > 0:
+        local_offs = insert_call(g, operator.sub, (local_offs, start))
+    return rot, back, insert_call(g, torch.unsqueeze, (keep, -1)), local_offs
+
+
+def _local_experts(g: fx.Graph, n: fx.Node, x, w, rotation) -> fx.Node:
+    rot, back, keep, local_offs = rotation
+    x_rot = insert_call(g, torch.Tensor.index_select, (x, 0, rot))
+    y_rot = _grouped(g, n, x_rot, w, local_offs)
+    y = insert_call(g, torch.Tensor.index_select, (y_rot, 0, back))
+    return insert_call(g, torch.where, (keep, y, 0.0))
+
+
+def _linear_in(u: fx.Node, x: fx.Node) -> bool:
+    """`u` is linear in its input `x` (and its other operands do not depend on x)."""
+    if is_op(u, "mul"):
+        return sum(a is x for a in u.args[:2]) == 1
+    if is_op(u, "truediv"):
+        return u.args[0] is x and u.args[1] is not x
+    if u.op == "call_method" and u.target in _CASTS:
+        dt = val(u).dtype
+        return dt.is_floating_point and torch.finfo(dt).bits >= torch.finfo(val(x).dtype).bits
+    if u.op == "call_method":
+        return u.target in _LINEAR_METHODS and u.args[0] is x
+    return u.op == "call_function" and u.target in _LINEAR_FUNCTIONS and u.args[0] is x
+
+
+def _sink_all_reduce(g: fx.Graph, partial: fx.Node, group: str) -> None:
+    end = partial
+    while len(end.users) == 1 and _linear_in(next(iter(end.users)), end):
+        end = next(iter(end.users))
+    users = list(end.users)
+    with g.inserting_before(end.next):
+        y = all_reduce(g, end, group)
+    for u in users:
+        u.replace_input_with(end, y)
