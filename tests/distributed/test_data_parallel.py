@@ -110,8 +110,6 @@ CASES = [  # arch, dp, tp, cp, ffn, dp_inputs, global batch (ragged where B % dp
     ("phi3", 1, 2, 2, "sp", "global", 3),
     ("gpt_neox", 1, 2, 2, "sp", "global", 3),
     ("llama", 1, 1, 2, "sp", "global", 3),
-    ("phi3", 2, 1, 1, "world_tp", "global", 2),
-    ("gpt_neox", 2, 1, 1, "world_tp", "global", 3),
 ]
 
 

@@ -1,0 +1,126 @@
+"""Weight bytes per rank as a fraction of one device, for full-size MoE configs, on the meta device.
+
+Nothing is downloaded and no weight is allocated: each model is built from its config with its
+parameters on meta (`cpcompile.empty_model`), traced on meta as `parallelize` does, and the plan
+and every rank's shards are computed by the real passes (`capture`, `shard_weights`) for that
+rank of the mesh. A rank's bytes = its shards (rows/columns/experts it keeps, vocab shards with
+their zero padding) + every parameter the plan replicates. The goal (issue 12): at tp*cp = 8,
+at most 1/8 of the weights plus what must stay replicated (norms, routers, biases), the
+remainder stated in bytes.
+
+    python benchmarks/bench_moe_bytes.py [--json benchmarks/results/moe_bytes.json] [--configs mixtral,qwen3_moe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import transformers
+
+from cpcompile.distributed import RankInfo
+from cpcompile.loading import empty_model
+from cpcompile.options import Options
+from cpcompile.parallelize import _meta_copy, capture
+from cpcompile.passes.plan import Mesh, MeshError, validate_mesh
+from cpcompile.passes.shard_weights import shard_weights
+
+CONFIGS = {  # the published configs' shapes (bf16)
+    "mixtral": lambda: transformers.MixtralConfig(  # Mixtral-8x7B
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, dtype=torch.bfloat16),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(  # Qwen3-30B-A3B
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        tie_word_embeddings=False, dtype=torch.bfloat16),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(dtype=torch.bfloat16),  # DeepSeek-V3 (671B)
+}
+MESHES = [(8, 1, "tp"), (8, 1, "ep"), (4, 2, "tp"), (4, 2, "ep"), (2, 4, "ep")]  # (tp, cp, moe)
+
+
+def _local_bytes(shard, elsize: int) -> int:
+    out, inn = shard.full_shape
+    if shard.kind == "column":
+        n = len(shard.cols) * inn
+    elif shard.kind == "row":
+        n = out * len(shard.cols)
+    elif shard.kind == "vocab":
+        n = shard.local_rows * inn
+    elif shard.kind == "expert":
+        n = len(shard.cols) * out * inn
+    else:  # expert-column / expert-row: every expert, some of its columns
+        n = 0
+    return n * elsize
+
+
+def rank_bytes(model, analysis, tp: int, cp: int, moe: str, rank: int) -> tuple[int, int]:
+    """(bytes rank `rank` holds, bytes of parameters the plan replicates)."""
+    params = dict(model.named_parameters())
+    shards = shard_weights(analysis, RankInfo(tp, cp, 1, rank), "all_to_all", "tp", "parallel", moe)
+    sharded = {n for s in shards.values() for n in (s.weight, s.bias) if n}
+    replicated = sum(p.numel() * p.element_size() for n, p in params.items() if n not in sharded)
+    held = replicated
+    for s in shards.values():
+        p = params[s.weight]
+        el = p.element_size()
+        if s.kind in ("expert-column", "expert-row"):
+            e = p.shape[0]
+            out, inn = s.full_shape
+            held += e * len(s.cols) * (inn if s.kind == "expert-column" else out) * el
+        else:
+            held += _local_bytes(s, el)
+        if s.bias:
+            held += (len(s.cols) if s.kind != "row" else params[s.bias].numel()) * params[s.bias].element_size()
+    return held, replicated
+
+
+def measure(name: str) -> list[dict]:
+    config = CONFIGS[name]()
+    t0 = time.perf_counter()
+    model = empty_model(config, dtype=torch.bfloat16)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    rows = []
+    analysis = capture(_meta_copy(model), Options())  # the roles do not depend on the mesh; the plan does
+    for tp, cp, moe in MESHES:
+        try:
+            validate_mesh(analysis.roles, analysis.sites, Mesh(tp, cp, 1, moe=moe))
+        except MeshError as e:
+            rows.append(dict(model=name, tp=tp, cp=cp, moe=moe, refused=str(e).splitlines()[1].strip()))
+            continue
+        per_rank = [rank_bytes(model, analysis, tp, cp, moe, r) for r in range(tp * cp)]
+        held = max(b for b, _ in per_rank)
+        replicated = per_rank[0][1]
+        rows.append(dict(model=name, tp=tp, cp=cp, moe=moe, total_bytes=total, expert_bytes=experts,
+                         max_rank_bytes=held, fraction=held / total, replicated_bytes=replicated,
+                         goal_bytes=total // (tp * cp) + replicated, goal_met=held <= total // (tp * cp) + replicated,
+                         seconds=round(time.perf_counter() - t0, 1)))
+    torch._dynamo.reset()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    print(f"{'model':<12} {'mesh':<14} {'GiB/rank':>9} {'of one device':>14} {'replicated MiB':>15} {'goal (1/n + repl.)':>19}")
+    for name in args.configs.split(","):
+        for r in measure(name):
+            rows.append(r)
+            mesh = f"tp{r['tp']}xcp{r['cp']} {r['moe']}"
+            if "refused" in r:
+                print(f"{name:<12} {mesh:<14} refused: {r['refused']}")
+                continue
+            print(f"{name:<12} {mesh:<14} {r['max_rank_bytes'] / 2**30:>9.2f} {r['fraction']:>13.4f}x "
+                  f"{r['replicated_bytes'] / 2**20:>15.1f} {'met' if r['goal_met'] else 'NOT met':>19}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
