@@ -79,6 +79,8 @@ def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh) -> list[
             out.append(Collective("all_gather", "cp", "partial o and lse of every CP rank (each keeps all its heads)"))
     if "o" in roles:
         out += _row("o", "o_proj", mesh, reshard=sp)
+    if sp and "expert_down" in roles:
+        out.append(Collective("all_gather", "cp", "the MoE block's input token chunks: routing and the grouped matmuls are not token-wise"))
     if world_tp and roles & set(FFN_ROLES):
         out.append(Collective("all_gather", "dp", "the FFN input: the tokens of every replica, each padded to the largest"))
     for role in _ROW_FFN:

@@ -1,7 +1,7 @@
 """Hypothesis strategies for cpcompile's equivalence properties (needs `hypothesis`).
 
     tiny_configs("gemma2")            -> a small, valid transformers.Gemma2Config
-    meshes(config, max_world=4)       -> Mesh(tp, cp, dp, combine, ffn, kv_interleave, dp_inputs)
+    meshes(config, max_world=4)       -> Mesh(tp, cp, dp, combine, ffn, kv_interleave, dp_inputs, moe)
                                          the config can take, on dp*tp*cp <= max_world ranks
     invalid_meshes(config)            -> Mesh(...) it cannot (for error tests)
     prompts(vocab, max_batch, max_len, cp=2, min_batch=dp) -> ragged token lists (left-padded
@@ -10,8 +10,10 @@
 Mesh validity is computed from the config's numbers with the rules of
 `cpcompile.passes.plan._problems` (which reads the captured graph instead), including the FFN
 group's divisibility: the replica's tp*cp ranks for ffn='tp', the tp group for 'sp', all
-dp*tp*cp ranks for 'world_tp'. `tests/testing/test_strategies.py` checks the two agree for
-every dp and ffn.
+dp*tp*cp ranks for 'world_tp', and for MoE configs the experts' group (the FFN group, the
+replica under 'world_tp') under `moe`: each expert's intermediate dim ('tp') or the expert count
+('ep') divisible by it. `tests/testing/test_strategies.py` checks the two agree for every dp,
+ffn and moe.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import torch
 import transformers
 from hypothesis import strategies as st
 
-from cpcompile.options import COMBINES, DP_INPUTS, FFNS
+from cpcompile.options import COMBINES, DP_INPUTS, FFNS, MOES
 
 PARALLEL_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "gpt_neox")
 """Architectures cpcompile runs at any valid (tp, cp); deepseek_v3 (MLA) runs at tp = cp = 1 only."""
 SINGLE_DEVICE_ONLY = ("deepseek_v3",)
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe")
+"""MoE architectures whose experts cpcompile shards (`moe`='tp' or 'ep'); qwen2_moe has a shared expert."""
 
 _IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, max_position_embeddings=1024)
 FIRST_TOKEN = 3  # prompts avoid pad / bos / eos
@@ -43,6 +47,7 @@ class Mesh:
     ffn: str = "tp"
     kv_interleave: int = 1  # matters only at cp > 1
     dp_inputs: str = "global"  # matters only at dp > 1
+    moe: str = "tp"  # matters only for MoE configs whose experts are split (tp*cp > 1)
 
     @property
     def world(self) -> int:
@@ -51,7 +56,7 @@ class Mesh:
     def options(self) -> dict:
         """The keywords of `parallelize` / `assert_equivalent` for this mesh."""
         return dict(tp=self.tp, cp=self.cp, dp=self.dp, combine=self.combine, ffn=self.ffn,
-                    kv_interleave=self.kv_interleave, dp_inputs=self.dp_inputs)
+                    kv_interleave=self.kv_interleave, dp_inputs=self.dp_inputs, moe=self.moe)
 
 
 def tiny_model_from_config(config: transformers.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
@@ -119,6 +124,15 @@ def tiny_configs(draw, arch: str):
         common.pop("num_key_value_heads")  # MHA only
         return transformers.GPTNeoXConfig(**common, hidden_size=hq * d, rotary_pct=draw(st.sampled_from([0.25, 0.5, 1.0])),
                                           use_parallel_residual=draw(st.booleans()))
+    if arch in MOE_ARCHITECTURES:
+        experts = draw(st.sampled_from([2, 4, 8]))
+        top_k = draw(st.integers(1, min(3, experts)))
+        if arch == "mixtral":
+            return transformers.MixtralConfig(**common, hidden_size=hq * d, num_local_experts=experts, num_experts_per_tok=top_k)
+        return transformers.Qwen2MoeConfig(
+            **common, hidden_size=hq * d, moe_intermediate_size=draw(st.sampled_from([16, 24, 32])), num_experts=experts,
+            num_experts_per_tok=top_k, shared_expert_intermediate_size=draw(st.sampled_from([24, 48])),
+        )
     if arch == "deepseek_v3":
         return transformers.DeepseekV3Config(
             **{**common, "num_key_value_heads": hq}, hidden_size=free_width, moe_intermediate_size=16,
@@ -126,7 +140,8 @@ def tiny_configs(draw, arch: str):
             first_k_dense_replace=draw(st.integers(0, 1)), kv_lora_rank=16, q_lora_rank=draw(st.sampled_from([None, 24])),
             qk_rope_head_dim=8, qk_nope_head_dim=d, v_head_dim=draw(st.sampled_from([8, 12])),
         )
-    raise ValueError(f"tiny_configs: unknown architecture {arch!r}; expected one of {PARALLEL_ARCHITECTURES + SINGLE_DEVICE_ONLY}")
+    raise ValueError(f"tiny_configs: unknown architecture {arch!r}; expected one of "
+                     f"{PARALLEL_ARCHITECTURES + MOE_ARCHITECTURES + SINGLE_DEVICE_ONLY}")
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -145,7 +160,7 @@ def _ffn_group(ffn: str, tp: int, cp: int, dp: int) -> int:
     return {"tp": tp * cp, "sp": tp, "world_tp": dp * tp * cp}[ffn]
 
 
-def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp") -> list[str]:
+def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp", moe: str = "tp") -> list[str]:
     """Why `config` cannot run at (tp, cp, dp, combine, ffn), from its numbers: `plan._problems`'s
     rules applied to the heads and the projection widths (q, k, v / qkv column over tp; o row over
     the replica, or over tp for 'all_gather'; gate, up, down / gate_up / fc1, fc2 over the FFN
@@ -162,16 +177,27 @@ def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all", dp: int
         out.append(f"Hkv={hkv} vs tp={tp}")
     if combine in ("all_to_all", "ag_rs") and (hq // tp) % cp:
         out.append(f"Hq/tp={hq // tp} % cp={cp}")
-    widths = [("o", hq * d["D"], tp if combine == "all_gather" else tp * cp), ("ffn", d["I"], _ffn_group(ffn, tp, cp, dp))]
+    widths = [("o", hq * d["D"], tp if combine == "all_gather" else tp * cp)]
+    if config.model_type in MOE_ARCHITECTURES:  # every layer a MoE block: experts (+ a shared expert) over the MoE group
+        g = tp * cp if ffn != "sp" else tp
+        n_experts = getattr(config, "num_local_experts", None) or config.num_experts
+        if moe == "ep" and g > 1 and n_experts % g:
+            out.append(f"{n_experts} experts % {g}")
+        expert_i = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        widths += [("experts", expert_i, g if moe == "tp" else 1)]
+        widths += [("shared expert", config.shared_expert_intermediate_size, g)] if hasattr(config, "shared_expert_intermediate_size") else []
+    else:
+        widths += [("ffn", d["I"], _ffn_group(ffn, tp, cp, dp))]
     widths += [("qkv", (hq + 2 * hkv) * d["D"], tp)] if d["fused_qkv"] else [("q", hq * d["D"], tp), ("kv", hkv * d["D"], tp)]
     out += [f"{name} width {w} % {g}" for name, w, g in widths if g > 1 and w % g]
     return out
 
 
-def valid_meshes_of(config, max_world: int = 4, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp") -> list[tuple[int, int]]:
+def valid_meshes_of(config, max_world: int = 4, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp",
+                    moe: str = "tp") -> list[tuple[int, int]]:
     """(tp, cp) with dp*tp*cp <= max_world, in `plan.valid_meshes`'s order."""
     return [(tp, cp) for tp in range(1, max_world // dp + 1) for cp in range(1, max_world // (dp * tp) + 1)
-            if not mesh_problems(config, tp, cp, combine, dp, ffn)]
+            if not mesh_problems(config, tp, cp, combine, dp, ffn, moe)]
 
 
 def _all_meshes(max_world: int, dps=None, ffns=FFNS) -> list[tuple[int, int, int, str, str]]:
@@ -187,12 +213,13 @@ def meshes(draw, model_config, max_world: int = 4, min_world: int = 1, max_inter
     """A `Mesh` `model_config` can take, min_world <= dp*tp*cp <= max_world (falling back to
     dp = tp = cp = 1, always valid, when no larger one is), dp in `dps` (None: any), ffn in
     `ffns`; kv_interleave is drawn only at cp > 1, dp_inputs (from `dp_inputs`) only at dp > 1."""
-    choices = [(dp, tp, cp, c, f) for dp, tp, cp, c, f in _all_meshes(max_world, dps, ffns)
-               if dp * tp * cp >= min_world and not mesh_problems(model_config, tp, cp, c, dp, f)]
-    dp, tp, cp, combine, ffn = draw(st.sampled_from(choices or [(1, 1, 1, "all_to_all", "tp")]))
+    moes = MOES if model_config.model_type in MOE_ARCHITECTURES else ("tp",)
+    choices = [(dp, tp, cp, c, f, m) for dp, tp, cp, c, f in _all_meshes(max_world, dps, ffns) for m in moes
+               if dp * tp * cp >= min_world and not mesh_problems(model_config, tp, cp, c, dp, f, m)]
+    dp, tp, cp, combine, ffn, moe = draw(st.sampled_from(choices or [(1, 1, 1, "all_to_all", "tp", "tp")]))
     interleave = draw(st.integers(1, max_interleave)) if cp > 1 else 1
     inputs = draw(st.sampled_from(dp_inputs)) if dp > 1 else "global"
-    return Mesh(tp, cp, dp, combine, ffn, interleave, inputs)
+    return Mesh(tp, cp, dp, combine, ffn, interleave, inputs, moe)
 
 
 @st.composite

@@ -42,6 +42,7 @@ def run_moe(arch, moe, dp, tp, cp, ffn):
 CASES = [  # arch, moe, dp, tp, cp, ffn
     ("mixtral", "tp", 1, 2, 1, "tp"),
     ("mixtral", "ep", 1, 2, 2, "tp"),  # 4 experts over the replica's 4 ranks: one each
+    ("mixtral", "ep", 1, 2, 2, "sp"),  # the MoE group is tp: 2 experts each; the block runs on gathered tokens
     ("qwen2_moe", "ep", 1, 2, 1, "tp"),  # shared expert + top-3 routing
     ("qwen2_moe", "tp", 2, 2, 1, "world_tp"),  # attention-DP: the experts stay on each replica's 2 ranks
 ]
@@ -51,7 +52,7 @@ CASES = [  # arch, moe, dp, tp, cp, ffn
 def test_moe_generate_equals_single_device(request, arch, moe, dp, tp, cp, ffn):
     world = request.getfixturevalue(f"world{dp * tp * cp}")
     results = world.run(run_moe, arch, moe, dp, tp, cp, ffn)
-    n = tp * cp  # the MoE group: the replica (the FFN group under ffn='tp'; the replica under 'world_tp')
+    n = tp if ffn == "sp" else tp * cp  # the MoE group: the FFN group (tp under 'sp'), the replica under 'world_tp'
     for r, res in enumerate(results):
         assert torch.equal(res["sequences"], res["ref_sequences"]), f"rank {r}"
         torch.testing.assert_close(res["logits"], res["ref_logits"], atol=FP32_ATOL, rtol=0)
@@ -69,7 +70,24 @@ def test_moe_generate_equals_single_device(request, arch, moe, dp, tp, cp, ffn):
     layers = results[0]["layers"]
     per_layer = 2 + (arch == "qwen2_moe")
     want = dict(all_reduce=per_layer * layers + 1, all_to_all=layers * (cp > 1), all_gather=1 + (dp > 1), reduce_scatter=0)
+    if ffn == "sp":  # + per layer: the tokens before q/k/v and before the MoE block; o's reduce-scatter over cp.
+        # Per forward: the embedding's reduce-scatter over cp, the last chunks before the LM head.
+        want["all_gather"] += 2 * layers + 1
+        want["reduce_scatter"] += layers + 1
     assert results[0]["collectives"] == want
+    assert _explained(arch, moe, dp, tp, cp, ffn) == want  # explain's table agrees with the compiled graph
+
+
+def _explained(arch, moe, dp, tp, cp, ffn) -> dict:
+    import collections
+
+    from cpcompile.explain import explain
+    from cpcompile.tiny import tiny_model
+
+    report = explain(tiny_model(arch), dp=dp, tp=tp, cp=cp, ffn=ffn, moe=moe)
+    total = collections.Counter(c.kind for cs in report.layer_collectives().values() for c in cs)
+    total.update(c.kind for c in report.forward_collectives())
+    return {k: total[k] for k in ("all_reduce", "all_to_all", "all_gather", "reduce_scatter")}
 
 
 def test_ep_refuses_experts_not_divisible():

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from cpcompile.testing import FP32_TOLERANCE, assert_equivalent
 from cpcompile.testing.strategies import (
+    MOE_ARCHITECTURES,
     PARALLEL_ARCHITECTURES,
     SINGLE_DEVICE_ONLY,
     meshes,
@@ -28,7 +29,7 @@ from cpcompile.testing.strategies import (
 
 def _check(worlds, config, mesh, batch, steps, seed):
     # `--hypothesis-show-statistics` shows how the meshes drawn spread over dp, ffn and input modes
-    event(f"dp={mesh.dp} tp={mesh.tp} cp={mesh.cp} ffn={mesh.ffn} dp_inputs={mesh.dp_inputs}")
+    event(f"dp={mesh.dp} tp={mesh.tp} cp={mesh.cp} ffn={mesh.ffn} dp_inputs={mesh.dp_inputs} moe={mesh.moe}")
     result = assert_equivalent(
         functools.partial(tiny_model_from_config, config, seed=seed),
         **mesh.options(), prompts=batch, max_new_tokens=steps, lowering="eager",
@@ -36,7 +37,7 @@ def _check(worlds, config, mesh, batch, steps, seed):
     )
     assert result.steps == steps and result.rows == len(batch)
     assert result.max_abs_error <= FP32_TOLERANCE.atol
-    assert result.ranks_bitwise_equal  # the final hidden state is all-reduced, lm_head replicated
+    assert result.ranks_bitwise_equal  # the final hidden state is all-reduced, the logits all-gathered
 
 
 @pytest.mark.parametrize("arch", PARALLEL_ARCHITECTURES)
@@ -47,6 +48,17 @@ def test_parallel_equals_single_device(worlds, arch, data):
     batch = data.draw(prompts(config.vocab_size, max_batch=3, max_len=7, cp=mesh.cp, min_batch=mesh.dp), label="prompts")
     steps = data.draw(st.integers(1, 5), label="max_new_tokens")
     _check(worlds, config, mesh, batch, steps, data.draw(st.integers(0, 3), label="seed"))
+
+
+@given(data=st.data())
+def test_moe_parallel_equals_single_device(worlds, data):
+    """MoE models (Mixtral; Qwen2-MoE with a shared expert), 2-8 experts, top-1 to top-3, under
+    either expert placement (`moe` 'tp' or 'ep') drawn with the mesh."""
+    arch = data.draw(st.sampled_from(MOE_ARCHITECTURES), label="arch")
+    config = data.draw(tiny_configs(arch), label="config")
+    mesh = data.draw(meshes(config, max_world=4, min_world=2), label="mesh")
+    batch = data.draw(prompts(config.vocab_size, max_batch=3, max_len=7, cp=mesh.cp, min_batch=mesh.dp), label="prompts")
+    _check(worlds, config, mesh, batch, data.draw(st.integers(1, 4), label="max_new_tokens"), data.draw(st.integers(0, 3), label="seed"))
 
 
 @pytest.mark.parametrize("arch", SINGLE_DEVICE_ONLY)

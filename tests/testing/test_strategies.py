@@ -7,10 +7,11 @@ from hypothesis import strategies as st
 
 from cpcompile.options import Options
 from cpcompile.parallelize import capture
-from cpcompile.options import COMBINES, FFNS
+from cpcompile.options import COMBINES, FFNS, MOES
 from cpcompile.passes.plan import valid_meshes
 from cpcompile.testing.strategies import (
     FIRST_TOKEN,
+    MOE_ARCHITECTURES,
     PARALLEL_ARCHITECTURES,
     SINGLE_DEVICE_ONLY,
     invalid_meshes,
@@ -25,7 +26,7 @@ from cpcompile.testing.strategies import (
 BOUNDED = settings(max_examples=4, derandomize=True, deadline=None, database=None)
 
 
-@pytest.mark.parametrize("arch", PARALLEL_ARCHITECTURES)
+@pytest.mark.parametrize("arch", PARALLEL_ARCHITECTURES + MOE_ARCHITECTURES)
 @BOUNDED
 @given(data=st.data())
 def test_mesh_rules_agree_with_the_plan(arch, data):
@@ -35,8 +36,8 @@ def test_mesh_rules_agree_with_the_plan(arch, data):
     assert len(analysis.sites) == config.num_hidden_layers
     _agree_at_every_dp_and_ffn(config, analysis)
     mesh = data.draw(meshes(config), label="mesh")
-    assert mesh.world <= 4 and not mesh_problems(config, mesh.tp, mesh.cp, mesh.combine, mesh.dp, mesh.ffn)
-    assert (mesh.tp, mesh.cp) in valid_meshes(analysis.roles, analysis.sites, 4, mesh.combine, mesh.dp, mesh.ffn)
+    assert mesh.world <= 4 and not mesh_problems(config, mesh.tp, mesh.cp, mesh.combine, mesh.dp, mesh.ffn, mesh.moe)
+    assert (mesh.tp, mesh.cp) in valid_meshes(analysis.roles, analysis.sites, 4, mesh.combine, mesh.dp, mesh.ffn, mesh.moe)
     bad = data.draw(invalid_meshes(config), label="invalid mesh")
     assert (bad.tp, bad.cp) not in valid_meshes(analysis.roles, analysis.sites, 16, bad.combine, bad.dp, bad.ffn)
 
@@ -46,8 +47,11 @@ def _agree_at_every_dp_and_ffn(config, analysis, max_world=8):
         assert valid_meshes_of(config, max_world, combine) == valid_meshes(analysis.roles, analysis.sites, max_world, combine)
         for dp in range(1, 5):
             for ffn in FFNS:
-                ours = valid_meshes_of(config, max_world, combine, dp, ffn)
-                assert ours == valid_meshes(analysis.roles, analysis.sites, max_world, combine, dp, ffn), (combine, dp, ffn)
+                for moe in MOES:
+                    ours = valid_meshes_of(config, max_world, combine, dp, ffn, moe)
+                    assert ours == valid_meshes(analysis.roles, analysis.sites, max_world, combine, dp, ffn, moe), (combine, dp, ffn, moe)
+    if config.model_type in MOE_ARCHITECTURES:  # the experts were found: every layer has an expert pair
+        assert sorted(p.layer for p in analysis.roles.projections if p.role == "expert_down") == list(range(config.num_hidden_layers))
 
 
 @pytest.mark.parametrize("arch", SINGLE_DEVICE_ONLY)
