@@ -6,7 +6,9 @@ and every rank's shards are computed by the real passes (`capture`, `shard_weigh
 rank of the mesh. A rank's bytes = its shards (rows/columns/experts it keeps, vocab shards with
 their zero padding) + every parameter the plan replicates. The goal (issue 12): at tp*cp = 8,
 at most 1/8 of the weights plus what must stay replicated (norms, routers, biases), the
-remainder stated in bytes.
+remainder stated in bytes. What a rank holds beyond that is reported beside it and attributed:
+the q/k/v projections Helix's layout repeats (heads are split over tp only, so every CP rank of
+a TP group holds the same ones, and a KV head sits on tp/Hkv ranks when tp > Hkv).
 
     python benchmarks/bench_moe_bytes.py [--json benchmarks/results/moe_bytes.json] [--configs mixtral,qwen3_moe]
 """
@@ -55,14 +57,25 @@ def _local_bytes(shard, elsize: int) -> int:
     return n * elsize
 
 
-def rank_bytes(model, analysis, tp: int, cp: int, moe: str, rank: int) -> tuple[int, int]:
-    """(bytes rank `rank` holds, bytes of parameters the plan replicates)."""
+ATTENTION_INPUTS = ("q", "k", "v", "qkv", "kv", "qk", "qv")
+
+
+def rank_bytes(model, analysis, tp: int, cp: int, moe: str, rank: int) -> tuple[int, int, int]:
+    """(bytes rank `rank` holds, bytes of parameters the plan replicates, bytes of q/k/v projections
+    it holds beyond 1/(tp*cp) of them: Helix splits heads over tp only, so CP ranks repeat them, and
+    a KV head is repeated on tp/Hkv ranks when tp > Hkv)."""
     params = dict(model.named_parameters())
     shards = shard_weights(analysis, RankInfo(tp, cp, 1, rank), "all_to_all", "tp", "parallel", moe)
     sharded = {n for s in shards.values() for n in (s.weight, s.bias) if n}
     replicated = sum(p.numel() * p.element_size() for n, p in params.items() if n not in sharded)
     held = replicated
+    roles = {p.weight: p.role for p in analysis.roles.projections}
+    n = tp * cp
+    attention_extra = 0
     for s in shards.values():
+        if roles.get(s.weight) in ATTENTION_INPUTS:
+            full = params[s.weight].numel() * params[s.weight].element_size()
+            attention_extra += _local_bytes(s, params[s.weight].element_size()) - full // n
         p = params[s.weight]
         el = p.element_size()
         if s.kind in ("expert-column", "expert-row"):
@@ -73,7 +86,7 @@ def rank_bytes(model, analysis, tp: int, cp: int, moe: str, rank: int) -> tuple[
             held += _local_bytes(s, el)
         if s.bias:
             held += (len(s.cols) if s.kind != "row" else params[s.bias].numel()) * params[s.bias].element_size()
-    return held, replicated
+    return held, replicated, attention_extra
 
 
 def measure(name: str) -> list[dict]:
@@ -88,14 +101,15 @@ def measure(name: str) -> list[dict]:
         try:
             validate_mesh(analysis.roles, analysis.sites, Mesh(tp, cp, 1, moe=moe))
         except MeshError as e:
-            rows.append(dict(model=name, tp=tp, cp=cp, moe=moe, refused=str(e).splitlines()[1].strip()))
+            first = str(e).splitlines()[1].strip()
+            rows.append(dict(model=name, tp=tp, cp=cp, moe=moe, refused=first.split("]: ", 1)[-1] if "]: " in first else first))
             continue
         per_rank = [rank_bytes(model, analysis, tp, cp, moe, r) for r in range(tp * cp)]
-        held = max(b for b, _ in per_rank)
-        replicated = per_rank[0][1]
+        held, replicated, attention_extra = max(per_rank)
         rows.append(dict(model=name, tp=tp, cp=cp, moe=moe, total_bytes=total, expert_bytes=experts,
                          max_rank_bytes=held, fraction=held / total, replicated_bytes=replicated,
                          goal_bytes=total // (tp * cp) + replicated, goal_met=held <= total // (tp * cp) + replicated,
+                         excess_bytes=held - (total // (tp * cp) + replicated), attention_layout_bytes=attention_extra,
                          seconds=round(time.perf_counter() - t0, 1)))
     torch._dynamo.reset()
     return rows
@@ -107,7 +121,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
-    print(f"{'model':<12} {'mesh':<14} {'GiB/rank':>9} {'of one device':>14} {'replicated MiB':>15} {'goal (1/n + repl.)':>19}")
+    print(f"{'model':<12} {'mesh':<14} {'GiB/rank':>9} {'of one device':>14} {'replicated MiB':>15} {'goal (1/n + repl.)':>19} "
+          f"{'over goal MiB':>14} {'q/k/v repeated MiB':>19}")
     for name in args.configs.split(","):
         for r in measure(name):
             rows.append(r)
@@ -116,7 +131,8 @@ def main() -> None:
                 print(f"{name:<12} {mesh:<14} refused: {r['refused']}")
                 continue
             print(f"{name:<12} {mesh:<14} {r['max_rank_bytes'] / 2**30:>9.2f} {r['fraction']:>13.4f}x "
-                  f"{r['replicated_bytes'] / 2**20:>15.1f} {'met' if r['goal_met'] else 'NOT met':>19}")
+                  f"{r['replicated_bytes'] / 2**20:>15.1f} {'met' if r['goal_met'] else 'NOT met':>19} "
+                  f"{max(r['excess_bytes'], 0) / 2**20:>14.1f} {r['attention_layout_bytes'] / 2**20:>19.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -174,7 +174,8 @@ class Explanation:
             lines.append(f"layer {site.index}: {site.describe()}")
             for p in (p for p in projections if p.layer == site.index):
                 shape = f"[{p.out_features}, {p.in_features}]"
-                lines.append(f"    {p.role:<9} {p.weight:<{width}} {shape:<12} {placement_for(p.role, m)}")
+                shape = f"[{p.experts} x {p.out_features}, {p.in_features}]" if p.experts else shape
+                lines.append(f"    {p.role:<11} {p.weight:<{width}} {shape:<16} {placement_for(p.role, m)}")
         for p in (p for p in projections if p.layer < 0):
             lines.append(f"outside layers: {p.role} {p.weight} [{p.out_features}, {p.in_features}] {placement_for(p.role, m)}")
         lines.append("not understood: " + ("nothing" if not self.analysis.notes else ""))

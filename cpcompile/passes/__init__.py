@@ -33,7 +33,7 @@ import torch
 from torch import fx
 
 from cpcompile.options import Options
-from cpcompile.passes._fx import is_op, op_count
+from cpcompile.passes._fx import descendants, is_op, op_count
 from cpcompile.passes.find_attention import AttentionSite, find_attention_sites
 from cpcompile.passes.find_projections import Roles, find_projections
 from cpcompile.passes.normalize_linears import normalize_linears, unrecognised_products
@@ -76,8 +76,10 @@ def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | No
 def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles, names=None) -> list[str]:
     notes = list(unrecognised_products(gm, names))
     in_attention = {n for s in sites for n in s.chain}
+    routers = {p.node for p in roles.projections if p.role == "router"}
+    routed = set().union(*(descendants([r], lambda n: False) for r in routers)) if routers else set()
     for n in gm.graph.nodes:
-        if is_op(n, "softmax") and n not in in_attention:
+        if is_op(n, "softmax") and n not in in_attention and n not in routed:
             notes.append(f"softmax {n.name} is not part of an attention (a router?); left as is")
     for p in roles.projections:
         if p.role in ("other", "ffn_other"):

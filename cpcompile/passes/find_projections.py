@@ -19,8 +19,9 @@ Cases handled:
     parameter `[E, out, in]` (or `[E, in, out]`) whose rows are grouped by the routing offsets;
     `expert_up` (gate_up or up) is the one whose output reaches the input of another with the same
     offsets, `expert_down`. Their `Projection` has `experts = E` and [out, in] per expert. The
-    router and whatever else the MoE block holds keep the roles above (the router: `ffn_other`,
-    replicated; a shared expert's gate/up/down triple, found among the block's linears by the same
+    router (a linear whose scores reach a top-k in a layer with experts) is `router`, replicated
+    (E x H, a few KiB); whatever else the MoE block holds keeps the roles above (a sigmoid gate on
+    the shared expert: `ffn_other`, replicated; a shared expert's gate/up/down triple, found among the block's linears by the same
     act(gate) * up rule: `shared_gate` / `shared_up` / `shared_down`, placed as the experts are).
   * embedding: every `F.embedding` lookup into a model parameter (the token embedding; a
     learned position table too). Recorded as a `Projection` whose [out, in] is the table's
@@ -193,6 +194,11 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
         for lin, r in _ffn_roles(window).items():
             role[lin] = (r, i)
     experts = _experts(gm, weights, names, lambda n: next((i for i in range(len(sites)) if ends[i] < order[n] < starts[i + 1]), -1))
+    moe_layers = {p.layer for p in experts}
+    for lin in linears:  # a MoE block's router: its scores choose the experts (top-k)
+        r, layer = role.get(lin, (None, -1))
+        if r == "ffn_other" and layer in moe_layers and any(is_topk(n) for n in descendants([lin], _is_linear)):
+            role[lin] = ("router", layer)
     for lin in linears:
         role.setdefault(lin, ("other", -1))
     # A weight used in more than one place (an LM head tied to the embedding, a projection shared by
@@ -271,6 +277,10 @@ def _experts(gm: fx.GraphModule, weights: set[fx.Node], names, layer_of) -> list
             node.meta["cpcompile_weight"] = weight = param_name(src, names)
             out.append(Projection(node, role, layer_of(up), weight, None, o, i, not stored_out_in, e, offs))
     return out
+
+
+def is_topk(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target is torch.topk or n.op == "call_method" and n.target == "topk"
 
 
 def is_embedding(n: fx.Node) -> bool:

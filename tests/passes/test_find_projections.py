@@ -24,7 +24,8 @@ def test_roles_by_dataflow(arch):
     params = dict(model.named_parameters())
     for p in roles.projections:
         assert p.weight in params, p.weight  # names map back to real parameters
-        assert params[p.weight].shape == (p.out_features, p.in_features)
+        want = (p.out_features, p.in_features) if not p.transposed else (p.in_features, p.out_features)
+        assert params[p.weight].shape == ((p.experts,) + want if p.experts else want)  # experts: [E, out, in]
     for layer in (0, 1):
         got = {p.weight: p.role for p in roles.by_layer(layer)}
         for fragment, role in EXPECTED[arch].items():
@@ -34,16 +35,22 @@ def test_roles_by_dataflow(arch):
     assert head.weight == "lm_head.weight" and head.layer == -1
 
 
-def test_deepseek_moe_layer_is_left_replicated():
+def test_deepseek_moe_layer_roles():
+    """DeepSeek-V3's MoE layer: the router (sigmoid scores, group-limited top-k with a bias), the
+    routed experts (3-D grouped matmuls) and the shared experts, each by dataflow; layer 0 is dense."""
     model, gm = hf_graph("deepseek_v3")
     roles = find_projections(gm, find_attention_sites(gm), weight_names(model, gm))
-    moe = [p for p in roles.by_layer(1) if p.role == "ffn_other"]
-    assert {p.weight.split(".mlp.")[1] for p in moe} == {
-        "gate.weight",
-        "shared_experts.gate_proj.weight",
-        "shared_experts.up_proj.weight",
-        "shared_experts.down_proj.weight",
+    moe = {p.weight.split(".mlp.")[1]: p.role for p in roles.by_layer(1) if ".mlp." in p.weight}
+    assert moe == {
+        "gate.weight": "router",
+        "shared_experts.gate_proj.weight": "shared_gate",
+        "shared_experts.up_proj.weight": "shared_up",
+        "shared_experts.down_proj.weight": "shared_down",
+        "experts.gate_up_proj": "expert_up",
+        "experts.down_proj": "expert_down",
     }
+    (up,) = [p for p in roles.by_layer(1) if p.role == "expert_up"]
+    assert (up.experts, up.out_features, up.in_features, up.transposed) == (4, 2 * 32, 64, False)  # [E, 2I, H] stored [E, out, in]
     dense = {p.role for p in roles.by_layer(0)}
     assert {"gate", "up", "down"} <= dense
 
