@@ -162,6 +162,13 @@ class Engine:
         kwargs.pop("inputs_embeds" if kind == "input_ids" else "input_ids", None)
         if ref is None:
             raise ValueError("cpcompile: the forward needs input_ids or inputs_embeds")
+        if kind == "inputs_embeds" and st.parallel is not None and any(
+                p.role == "embedding" and p.weight in st.parallel.shards for p in st.analysis.roles.projections):
+            raise ValueError(
+                "cpcompile: this model's token embedding is vocab-parallel (each rank holds 1/(tp*cp) of its rows, "
+                "and model.get_input_embeddings() is a stand-in), so inputs_embeds cannot be computed outside the "
+                "graph; pass input_ids, or parallelize with vocab='replicate'"
+            )
         batch, length = ref.shape[0], ref.shape[1]
         mask = kwargs.pop("attention_mask", None)
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):

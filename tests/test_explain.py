@@ -170,3 +170,17 @@ def test_explain_after_parallelize_is_refused():
     model = cpcompile.parallelize(tiny_model("llama"), lowering="eager")
     with pytest.raises(ValueError, match="before cpcompile.parallelize"):
         cpcompile.explain(model)
+
+
+def test_vocab_replicate_keeps_the_embedding_and_head_whole():
+    """vocab='replicate': the embedding and LM head stay whole (no collective outside the layers at
+    dp = 1); the default splits them, an all-reduce and an all-gather over the replica."""
+    model = tiny_model("llama")
+    whole = cpcompile.explain(model, tp=2, cp=2, vocab="replicate")
+    split = cpcompile.explain(model, tp=2, cp=2)
+    placements = lambda r: {line.split()[2]: line.split()[-1] for line in str(r).splitlines() if line.startswith("outside layers:")}
+    assert placements(whole) == {"embedding": "replicate", "lm_head": "replicate"}
+    assert placements(split) == {"embedding": "vocab/replica", "lm_head": "vocab/replica"}
+    assert [str(c) for c in whole.forward_collectives()] == []
+    assert [str(c) for c in split.forward_collectives()] == ["all_reduce(replica)", "all_gather(replica)"]
+    assert "vocab=replicate" in str(whole)

@@ -34,6 +34,11 @@ def run_tied_padded(vocab_mode):
         sizes = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}  # tied: listed once
         parallelize(model, tp=2, cp=2, vocab=vocab_mode, max_length=32, lowering="eager", verify=False)
         got = model.generate(ids, **kw)
+    try:  # the embedding is computed in the graph: inputs_embeds from outside is refused, never wrong
+        model(inputs_embeds=torch.zeros(1, 3, HIDDEN))
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
     state = model._cpcompile
     table = state.parallel.shards.get("model.embed_tokens.weight")
     shards, local = state.parallel.shards, state.parallel.local
@@ -42,7 +47,7 @@ def run_tied_padded(vocab_mode):
     return dict(
         expected_bytes=full - sum(sizes[n] - 4 for n in stood_in) + sum(local_bytes.values()),
         table_bytes=local_bytes.get("model.embed_tokens.weight"),
-        sequences=got.sequences, logits=torch.stack(got.logits), ref_sequences=want.sequences,
+        refusal=refusal, sequences=got.sequences, logits=torch.stack(got.logits), ref_sequences=want.sequences,
         ref_logits=torch.stack(want.logits), weight_bytes=weight_bytes(model), full=full,
         rows=None if table is None else (table.cols.tolist(), table.local_rows),
         embed_is_stand_in=model.model.embed_tokens.weight.untyped_storage().nbytes() <= 4,
@@ -68,5 +73,6 @@ def test_tied_embedding_and_padded_vocab_are_exact_and_split(world4):
         assert res["table_bytes"] == per * HIDDEN * 4
         assert res["weight_bytes"] == res["expected_bytes"]
         assert res["vocab_sharded"] == 2  # the lookup and the LM head, one shard
+        assert "inputs_embeds" in res["refusal"] and "vocab='replicate'" in res["refusal"]
     coll, layers = results[0]["collectives"], results[0]["layers"]
     assert coll == dict(all_reduce=2 * layers + 1, all_to_all=layers, all_gather=1, reduce_scatter=0)
