@@ -83,12 +83,14 @@ def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh) -> list[
         out.append(Collective("all_gather", "cp", "the MoE block's input token chunks: routing and the grouped matmuls are not token-wise"))
     if world_tp and roles & set(FFN_ROLES):
         out.append(Collective("all_gather", "dp", "the FFN input: the tokens of every replica, each padded to the largest"))
-    for role in _ROW_FFN:
-        if role in roles:
-            out += _row(role, role, mesh, reshard=world_tp)
     expert = placement_for("expert_down", mesh)
-    if "expert_down" in roles and expert != "replicate":
-        out.append(Collective("all_reduce", expert.split("/")[-1], "the routed experts' partial outputs, after the top-k combine"))
+    routed = "expert_down" in roles and expert != "replicate"
+    for role in _ROW_FFN:
+        if role in roles and not (role == "shared_down" and routed):  # merged into the experts' (shard_experts.py)
+            out += _row(role, role, mesh, reshard=world_tp)
+    if routed:
+        shared = " + the shared expert's" if "shared_down" in roles else ""
+        out.append(Collective("all_reduce", expert.split("/")[-1], f"the routed experts' partial outputs{shared}, after the top-k combine"))
     return out
 
 

@@ -16,7 +16,8 @@ group g of x, the rows routed to expert g after HF sorted them by expert, throug
   * either way the partial sum is not reduced at once: the all-reduce is sunk through the ops that
     are linear in it (the routing-weight product, the un-permute, the sum over top-k, views, casts
     that do not narrow), so there is one all-reduce per MoE layer of [tokens, H], after the routed
-    combine, instead of one of [tokens * top_k, H].
+    combine, instead of one of [tokens * top_k, H]. A shared expert's partial sum added there (its
+    down row-parallel over the same group, times its gate) joins it: its own all-reduce is removed.
 
 Before (moe='ep', 2 ranks, E = 4, rank 1):
     y = grouped_mm(x, W_up.transpose(-2, -1), offs=offs); ...; z = grouped_mm(h, W_down.transpose(-2, -1), offs=offs)
@@ -57,7 +58,7 @@ def shard_experts(
 ) -> dict[str, int]:
     """`roles`: parameter name -> role (expert_up / expert_down). Returns counts: expert grouped matmuls rewritten (tp / ep) and all-reduces inserted."""
     g = gm.graph
-    counts = {"expert_tp": 0, "expert_ep": 0, "all_reduce": 0}
+    counts = {"expert_tp": 0, "expert_ep": 0, "all_reduce": 0, "merged": 0}
     done = set()
     rotations: dict[tuple, tuple] = {}
     for n in list(g.nodes):
@@ -89,7 +90,7 @@ def shard_experts(
         n.replace_all_uses_with(y)
         g.erase_node(n)
         if roles.get(name) == "expert_down":
-            _sink_all_reduce(g, y, group_names[shard.group])
+            counts["merged"] += _sink_all_reduce(g, y, group_names[shard.group])
             counts["all_reduce"] += 1
     missing = sorted(k for k, s in shards.items() if s.kind.startswith("expert") and k not in done)
     if missing:
@@ -159,12 +160,54 @@ def _linear_in(u: fx.Node, x: fx.Node) -> bool:
     return u.op == "call_function" and u.target in _LINEAR_FUNCTIONS and u.args[0] is x
 
 
-def _sink_all_reduce(g: fx.Graph, partial: fx.Node, group: str) -> None:
-    end = partial
-    while len(end.users) == 1 and _linear_in(next(iter(end.users)), end):
-        end = next(iter(end.users))
+def _sink_all_reduce(g: fx.Graph, partial: fx.Node, group: str) -> int:
+    """Reduce `partial` once, as late as the ops linear in it allow. Where the chain meets an add
+    with another partial sum over the same group (a shared expert's down, all-reduced by
+    shard_linears, times its sigmoid gate), that all-reduce is removed and the sum of the two
+    partials is reduced instead: one all-reduce per MoE block. Returns the all-reduces removed."""
+    end, merged = _chain_end(partial), 0
+    while len(end.users) == 1 and is_op(add := next(iter(end.users)), "add") and len(add.args) == 2:
+        other = add.args[1] if add.args[0] is end else add.args[0]
+        row = _reduced_partial(other, group) if isinstance(other, fx.Node) else None
+        if row is None:
+            break
+        reduced, shared_partial = row
+        reduced.replace_all_uses_with(shared_partial)  # the shared expert's sum now rides on this one
+        _erase_dead(g, reduced)
+        merged += 1
+        end = _chain_end(add)
     users = list(end.users)
     with g.inserting_before(end.next):
         y = all_reduce(g, end, group)
     for u in users:
         u.replace_input_with(end, y)
+    return merged
+
+
+def _chain_end(x: fx.Node) -> fx.Node:
+    while len(x.users) == 1 and _linear_in(next(iter(x.users)), x):
+        x = next(iter(x.users))
+    return x
+
+
+def _reduced_partial(x: fx.Node, group: str) -> tuple[fx.Node, fx.Node] | None:
+    """(all-reduced output, its partial) when `x` is a bias-free row all-reduce over `group`
+    (shard_linears' `meta["cpcompile_row"]`) followed only by ops linear in it, each its sole use."""
+    row = x.meta.get("cpcompile_row")
+    if row is not None:
+        return (x, row["partial"]) if row["bias"] is None and row.get("group_name") == group else None
+    for i in x.all_input_nodes:  # mul(gate, y): try each operand the op is linear in
+        if len(i.users) == 1 and _linear_in(x, i) and (found := _reduced_partial(i, group)) is not None:
+            return found
+    return None
+
+
+def _erase_dead(g: fx.Graph, node: fx.Node) -> None:
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op != "call_function":
+            continue
+        inputs = n.all_input_nodes
+        g.erase_node(n)
+        todo += inputs

@@ -107,7 +107,8 @@ def shard_linears(
                 counts["all_reduce"] += 1
                 if b_node is not None:
                     y = insert_call(g, operator.add, (y, b_node))
-                y.meta["cpcompile_row"] = {"weight": name, "partial": partial, "bias": b_node, "group": shard.group}
+                y.meta["cpcompile_row"] = {"weight": name, "partial": partial, "bias": b_node, "group": shard.group,
+                                           "group_name": group_names[shard.group]}
         lin.replace_all_uses_with(y)
         g.erase_node(lin)
         counts[shard.kind] += 1

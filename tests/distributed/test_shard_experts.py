@@ -64,11 +64,11 @@ def test_moe_generate_equals_single_device(request, arch, moe, dp, tp, cp, ffn):
                 want = (e, a // n, b) if name.endswith("gate_up_proj") else (e, a, b // n)
             assert res["local"][name] == want, name
         assert res["shared"] == (3 * res["layers"] if arch == "qwen2_moe" else 0)  # gate, up, down of the shared expert
-    # per layer: o_proj's all-reduce, one after the routed combine (not one per top-k row), and the shared
-    # expert's down; per forward: the embedding's all-reduce, the LM head's all-gather (+ the logits of
-    # every replica under dp)
+    # per layer: o_proj's all-reduce and one after the routed combine (not one per top-k row), which also
+    # sums the shared expert's partial output (its own all-reduce merged away); per forward: the
+    # embedding's all-reduce, the LM head's all-gather (+ the logits of every replica under dp)
     layers = results[0]["layers"]
-    per_layer = 2 + (arch == "qwen2_moe")
+    per_layer = 2
     want = dict(all_reduce=per_layer * layers + 1, all_to_all=layers * (cp > 1), all_gather=1 + (dp > 1), reduce_scatter=0)
     if ffn == "sp":  # + per layer: the tokens before q/k/v and before the MoE block; o's reduce-scatter over cp.
         # Per forward: the embedding's reduce-scatter over cp, the last chunks before the LM head.
