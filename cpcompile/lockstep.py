@@ -133,15 +133,28 @@ def _diverged(step, where: str) -> str:
     )
 
 
-def check_same_inputs(ids: torch.Tensor, group, position: int = 0) -> None:
+def check_same_inputs(ids: torch.Tensor, group, position: int = 0, logits_to_keep: int = 0) -> None:
     """Every rank of `group` (None: all) must be given the same inputs; a cheap checksum catches one
-    that is not (`InputsDiffer`, carrying `position`: the tokens in the cache before this call)."""
+    that is not (`InputsDiffer`, carrying `position`: the tokens in the cache before this call).
+    `logits_to_keep` is checked too: it picks the graph (all logits or the last token's), and ranks
+    running different graphs would issue mismatched collectives (the vocab-parallel LM head's
+    all-gather) and hang or abort instead of raising."""
     flat = ids.reshape(-1).double()
-    c = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)).sum(),
-                     torch.tensor(float(ids.shape[0]), device=flat.device), torch.tensor(float(ids.shape[1]), device=flat.device)])
+    dev = flat.device
+    c = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=dev)).sum(),
+                     torch.tensor(float(ids.shape[0]), device=dev), torch.tensor(float(ids.shape[1]), device=dev),
+                     torch.tensor(float(logits_to_keep), device=dev)])
+    n = c.numel()
     both = torch.cat([c, -c])  # one all-reduce gives the max and (negated) min of every field
     dist.all_reduce(both, dist.ReduceOp.MAX, group=group)
-    hi, lo = both[:4], -both[4:]
+    hi, lo = both[:n], -both[n:]
+    if torch.equal(hi[:4], lo[:4]) and not torch.equal(hi, lo):
+        raise InputsDiffer(
+            f"cpcompile: rank {dist.get_rank()} is called with logits_to_keep={logits_to_keep}, other ranks with "
+            f"{sorted({int(lo[4]), int(hi[4])})}; every rank must call the model the same way (a wrapper around "
+            "model.forward that hides its signature changes what generate() passes)",
+            position,
+        )
     if not torch.equal(hi, lo):
         who = "every rank" if group is None else "every rank of a replica (its tp*cp ranks)"
         raise InputsDiffer(

@@ -76,15 +76,15 @@ class ParallelState:
         """Graphs compiled so far (Dynamo hands each to the backend once)."""
         return len(self.backend.reports)
 
-    def check_inputs(self, ref: torch.Tensor, position: int = 0) -> None:
+    def check_inputs(self, ref: torch.Tensor, position: int = 0, logits_to_keep: int = 0) -> None:
         """The ranks that must see the same inputs do: all ranks, or a replica's with dp_inputs='local'.
         `position`: tokens the cache holds before this call (tells `generate()` a prompt from a token
         the ranks generated; cpcompile/lockstep.py)."""
         o = self.options
         if o.dp == 1 or o.dp_inputs == "global":
-            check_same_inputs(ref, None, position)
+            check_same_inputs(ref, None, position, logits_to_keep)
         elif o.tp * o.cp > 1:
-            check_same_inputs(ref, self.groups.handles["replica"], position)
+            check_same_inputs(ref, self.groups.handles["replica"], position, logits_to_keep)
 
 
 class CaptureError(ValueError):

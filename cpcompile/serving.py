@@ -187,7 +187,7 @@ class Engine:
                              "inputs_embeds and a 2D attention_mask")
         if st.rank is not None:  # before anything rank-dependent: ranks given different inputs must not hang
             known = self.sessions[past] if past is not None and past in self.sessions else None
-            st.check_inputs(ref, known.seen if known is not None else 0)
+            st.check_inputs(ref, known.seen if known is not None else 0, keep)
         lay = self._row_layout(batch, length)
         session = self._session(past, lay, batch)
         if session.seen + length > st.max_length:

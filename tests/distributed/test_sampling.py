@@ -141,8 +141,11 @@ def generate_on_rank(diverge: bool):
     model = parallelize(tiny_model("llama"), tp=2, max_length=MAX_LENGTH, lowering="eager")
     ids, mask = _prompts(1, seed=rank if not diverge else 0)
     if diverge and rank == 1:
+        import functools
+
         forward = model.forward
 
+        @functools.wraps(forward)  # the same signature: generate() passes the same arguments on both ranks
         def negated(*args, **kwargs):
             out = forward(*args, **kwargs)
             out["logits"] = -out["logits"]
@@ -176,3 +179,25 @@ def test_divergence_at_a_decode_step_blames_cpcompile(world2):
         assert f"the token fed back at position {PROMPT}" in line
         assert "a cpcompile parallelization error, not a problem with your inputs" in line
         assert "cpcompile.explain(" in line
+
+
+def forward_with_keep():
+    """tp=2, the same prompt on both ranks, but rank 1 asks for the last token's logits only: the
+    ranks would run different graphs (the LM head's all-gather differs), so the checksum refuses it."""
+    import torch.distributed as dist
+
+    from cpcompile import parallelize
+    from cpcompile.tiny import tiny_model
+
+    model = parallelize(tiny_model("llama"), tp=2, max_length=MAX_LENGTH, lowering="eager", verify=False)
+    ids, mask = _prompts(1, seed=0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=dist.get_rank())
+
+
+def test_ranks_calling_with_different_logits_to_keep_are_refused(world2):
+    with pytest.raises(WorldError) as info:
+        world2.run(forward_with_keep)
+    for line in _raised(info.value):
+        assert line.startswith("cpcompile.lockstep.InputsDiffer: ") and "logits_to_keep=" in line, line
+        assert "every rank must call the model the same way" in line
