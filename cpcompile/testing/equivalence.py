@@ -36,8 +36,8 @@ Per step and batch row, the last position's logits are compared (in fp32):
     the reference's top-2 logits are within `near_tie`;
   * ranks: every rank's logits must equal rank 0's within `atol` (with dp_inputs='local', its
     replica's first rank's: replicas hold different rows); they are normally bitwise equal (the
-    final hidden state is all-reduced and `lm_head` is replicated); the result says whether
-    they were.
+    final hidden state is all-reduced, and the vocab-parallel LM head's logits all-gathered, or
+    the LM head replicated with vocab='replicate'); the result says whether they were.
 The first failing (step, row) raises an `AssertionError` with the errors, the mesh and a
 snippet that reproduces the case.
 """

@@ -94,19 +94,21 @@ def test_wrong_replica_is_named_with_its_rows(world2):
 
 
 def test_a_rank_that_disagrees_is_named(world2):
-    # lm_head is replicated: only rank 1's logits are off.
+    # lm_head replicated (vocab='replicate'; vocab-parallel logits are all-gathered, so every rank would
+    # hold the same wrong ones): only rank 1's logits are off.
     factory = functools.partial(perturbed_on_rank, 1, "lm_head.weight", 0.05)
     with pytest.raises(AssertionError, match=r"(?s)step 0 .*batch row 0.*rank 1 disagrees with rank 0"):
-        assert_equivalent(factory, tp=1, cp=2, prompts=PROMPTS, max_new_tokens=2, world=world2, lowering="eager")
+        assert_equivalent(factory, tp=1, cp=2, prompts=PROMPTS, max_new_tokens=2, world=world2, lowering="eager",
+                          vocab="replicate")
 
 
 def test_a_rank_that_disagrees_with_its_replica_is_named(world4):
-    # dp=2 x cp=2, local: ranks 2 and 3 are replica 1 (row 2); lm_head is replicated, so only
-    # rank 3's logits are off, and it is compared with rank 2 (rank 0 holds other rows).
+    # dp=2 x cp=2, local: ranks 2 and 3 are replica 1 (row 2); lm_head replicated (vocab='replicate'),
+    # so only rank 3's logits are off, and it is compared with rank 2 (rank 0 holds other rows).
     factory = functools.partial(perturbed_on_rank, 3, "lm_head.weight", 0.05)
     with pytest.raises(AssertionError, match=r"(?s)step 0 .*batch row 2 \(replica 1's row 0; its ranks 2..3\).*rank 3 disagrees with rank 2"):
         assert_equivalent(factory, tp=1, cp=2, dp=2, prompts=PROMPTS, max_new_tokens=2, world=world4, dp_inputs="local",
-                          lowering="eager")
+                          lowering="eager", vocab="replicate")
 
 
 # ------------------------------------------------------------------ the comparison, on synthetic logits
