@@ -158,8 +158,8 @@ def run_passes(
     if parallel is not None:
         counts["linears_sharded"] = sum(shard_linears(gm, parallel.shards, parallel.local, parallel.group_names).values())
         dump(gm, "2-shard_linears")
-        info = parallel.info
-        sizes = {"tp": info.tp, "cp": info.cp, "dp": info.dp, "replica": info.tp * info.cp, "world": info.dp * info.tp * info.cp}
+        mesh = Mesh(parallel.info.tp, parallel.info.cp, parallel.info.dp)
+        sizes = {k: mesh.size(k) for k in ("tp", "cp", "dp", "replica", "world")}
         vocab = shard_vocab(gm, parallel.shards, parallel.local, parallel.group_names, sizes)
         counts["vocab_sharded"] = vocab["embedding"] + vocab["lm_head"]
         dump(gm, "2b-shard_vocab")

@@ -152,6 +152,19 @@ def insert_call(graph: fx.Graph, target: Callable, args: tuple, kwargs: dict | N
     return node
 
 
+def erase_unused(g: fx.Graph, node: fx.Node) -> None:
+    """Erase `node` if nothing uses it, then whatever computed only its inputs (never graph inputs,
+    constants or the output)."""
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op != "call_function":
+            continue
+        inputs = n.all_input_nodes
+        g.erase_node(n)
+        todo += inputs
+
+
 def op_count(gm: fx.GraphModule, name: str) -> int:
     """How many nodes of operation `name` the graph holds (tests assert these before/after each pass)."""
     return sum(is_op(n, name) for n in gm.graph.nodes)

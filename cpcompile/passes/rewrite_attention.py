@@ -236,12 +236,12 @@ _c10d = torch.ops._c10d_functional
 def _mask_to_slots(gm: fx.GraphModule, mask: fx.Node, s_local: int, par: AttentionParallel) -> fx.Node:
     """[B, Lq, max_length] over global positions -> [B, Lq, S_local] over this rank's slots."""
     from cpcompile.kernels.layout import slot_positions
-    from cpcompile.passes.shard_linears import _const
+    from cpcompile.passes.shard_linears import graph_constant
 
     g = gm.graph
     n_cols = shape(mask)[-1]
     idx = slot_positions(s_local, par.info.cp, par.info.cp_rank, par.kv_interleave).clamp(max=n_cols - 1)
-    idx_node = _const(gm, idx.to(val(mask).device), "_cpcompile_slots")
+    idx_node = graph_constant(gm, idx.to(val(mask).device), "_cpcompile_slots")
     return insert_call(g, torch.Tensor.index_select, (mask, -1, idx_node))
 
 

@@ -34,12 +34,11 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
-from cpcompile.passes._fx import insert_call, is_op, shape, val
+from cpcompile.passes._fx import erase_unused, insert_call, is_op, shape, val
 from cpcompile.passes.find_projections import grouped_mm_args, is_grouped_mm
-from cpcompile.passes.shard_linears import _const, all_reduce
+from cpcompile.passes.shard_linears import all_reduce, graph_constant, place_columns
 from cpcompile.passes.shard_weights import WeightShard
 
 # ops through which an all-reduce may be moved: linear in the partial sum (the other operands
@@ -69,7 +68,7 @@ def shard_experts(
         done.add(name)
         x, w, offs = grouped_mm_args(n)
         with g.inserting_before(n):
-            w_node = _const(gm, w_loc.to(val(w).dtype), "_cpcompile_w")
+            w_node = graph_constant(gm, w_loc.to(val(w).dtype), "_cpcompile_w")
             if not shard.transposed:  # stored [E, out, in]: the matmul reads it transposed, as HF's code does
                 w_node = insert_call(g, torch.transpose, (w_node, -2, -1))
             if shard.kind == "expert":
@@ -80,7 +79,7 @@ def shard_experts(
                 counts["expert_ep"] += 1
             elif shard.kind == "expert-column":
                 y = _grouped(g, n, x, w_node, offs)
-                y = _place_columns(gm, g, y, shard, shape(n)[-1])
+                y = place_columns(gm, y, shard, shape(n)[-1])
                 counts["expert_tp"] += 1
             else:
                 c = shard.cols
@@ -110,18 +109,6 @@ def _grouped(g: fx.Graph, n: fx.Node, x, w, offs) -> fx.Node:
     elif len(args) > 2:
         args[2] = offs
     return insert_call(g, n.target, tuple(args), kwargs)
-
-
-def _place_columns(gm, g: fx.Graph, y: fx.Node, shard: WeightShard, width: int) -> fx.Node:
-    """This rank's columns back at their positions of the full width, zeros elsewhere."""
-    block = shard.contiguous
-    if block is not None:
-        return insert_call(g, F.pad, (y, (block[0], width - block[1])))
-    n = len(shard.cols)
-    perm = torch.full((width,), n, dtype=torch.long)
-    perm[shard.cols] = torch.arange(n)
-    padded = insert_call(g, F.pad, (y, (0, 1)))
-    return insert_call(g, torch.Tensor.index_select, (padded, -1, _const(gm, perm, "_cpcompile_idx")))
 
 
 def _rotation(g: fx.Graph, offs: fx.Node, e0: int, e1: int, rows: int) -> tuple:
@@ -173,7 +160,7 @@ def _sink_all_reduce(g: fx.Graph, partial: fx.Node, group: str) -> int:
             break
         reduced, shared_partial = row
         reduced.replace_all_uses_with(shared_partial)  # the shared expert's sum now rides on this one
-        _erase_dead(g, reduced)
+        erase_unused(g, reduced)
         merged += 1
         end = _chain_end(add)
     users = list(end.users)
@@ -200,14 +187,3 @@ def _reduced_partial(x: fx.Node, group: str) -> tuple[fx.Node, fx.Node] | None:
         if len(i.users) == 1 and _linear_in(x, i) and (found := _reduced_partial(i, group)) is not None:
             return found
     return None
-
-
-def _erase_dead(g: fx.Graph, node: fx.Node) -> None:
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if n.users or n.op != "call_function":
-            continue
-        inputs = n.all_input_nodes
-        g.erase_node(n)
-        todo += inputs

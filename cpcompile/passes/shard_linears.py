@@ -43,7 +43,8 @@ def all_reduce(g: fx.Graph, x: fx.Node, group_name: str) -> fx.Node:
     return insert_call(g, _c10d.wait_tensor.default, (r,))
 
 
-def _const(gm: fx.GraphModule, tensor: torch.Tensor, prefix: str) -> fx.Node:
+def graph_constant(gm: fx.GraphModule, tensor: torch.Tensor, prefix: str) -> fx.Node:
+    """`tensor` as a `get_attr` constant of `gm` (a local shard, an index), with its fake value."""
     i = 0
     while hasattr(gm, f"{prefix}{i}"):
         i += 1
@@ -56,6 +57,21 @@ def _const(gm: fx.GraphModule, tensor: torch.Tensor, prefix: str) -> fx.Node:
     if mode is not None:
         node.meta["val"] = node.meta["example_value"] = mode.from_tensor(tensor, static_shapes=True)
     return node
+
+
+def place_columns(gm: fx.GraphModule, y_loc: fx.Node, shard: WeightShard, width: int) -> fx.Node:
+    """A column shard's output put back at this rank's columns of the full `width`, zeros elsewhere
+    (`F.pad` for one block, else a pad by one zero column and an `index_select` that scatters)."""
+    g = gm.graph
+    block = shard.contiguous
+    if block is not None:
+        return insert_call(g, F.pad, (y_loc, (block[0], width - block[1])))
+    n = len(shard.cols)
+    perm = torch.full((width,), n, dtype=torch.long)  # column n: the one zero column
+    perm[shard.cols] = torch.arange(n)
+    padded = insert_call(g, F.pad, (y_loc, (0, 1)))
+    device = val(y_loc).device if val(y_loc) is not None else "cpu"
+    return insert_call(g, torch.Tensor.index_select, (padded, -1, graph_constant(gm, perm.to(device), "_cpcompile_idx")))
 
 
 def shard_linears(
@@ -81,25 +97,18 @@ def shard_linears(
         x = lin.args[0]
         full = shape(lin)
         with g.inserting_before(lin):
-            w_node = _const(gm, w_loc, "_cpcompile_w")
-            b_node = _const(gm, b_loc, "_cpcompile_b") if b_loc is not None else None
+            w_node = graph_constant(gm, w_loc, "_cpcompile_w")
+            b_node = graph_constant(gm, b_loc, "_cpcompile_b") if b_loc is not None else None
             block = shard.contiguous
             if shard.kind == "column":
                 y_loc = insert_call(g, torch._C._nn.linear, (x, w_node, b_node))
                 y_loc.meta["cpcompile_weight"] = name
-                if block is not None:
-                    y = insert_call(g, F.pad, (y_loc, (block[0], full[-1] - block[1])))
-                else:
-                    n = len(shard.cols)
-                    perm = torch.full((full[-1],), n, dtype=torch.long)  # column n: the one zero column
-                    perm[shard.cols] = torch.arange(n)
-                    padded = insert_call(g, F.pad, (y_loc, (0, 1)))
-                    y = insert_call(g, torch.Tensor.index_select, (padded, -1, _const(gm, perm.to(w_loc.device), "_cpcompile_idx")))
+                y = place_columns(gm, y_loc, shard, full[-1])
             else:
                 if block is not None:
                     x_loc = insert_call(g, operator.getitem, (x, (Ellipsis, slice(*block))))
                 else:
-                    idx = _const(gm, shard.cols.to(w_loc.device), "_cpcompile_idx")
+                    idx = graph_constant(gm, shard.cols.to(w_loc.device), "_cpcompile_idx")
                     x_loc = insert_call(g, torch.Tensor.index_select, (x, -1, idx))
                 partial = insert_call(g, torch._C._nn.linear, (x_loc, w_node, None))
                 partial.meta["cpcompile_weight"] = name

@@ -33,7 +33,7 @@ from torch import fx
 
 from cpcompile.passes._fx import insert_call, is_op, shape
 from cpcompile.passes.find_projections import embedding_args, is_embedding
-from cpcompile.passes.shard_linears import _const, all_reduce
+from cpcompile.passes.shard_linears import all_reduce, graph_constant
 from cpcompile.passes.shard_weights import WeightShard
 
 _c10d = torch.ops._c10d_functional
@@ -61,13 +61,13 @@ def shard_vocab(
         group = group_names[shard.group]
         with g.inserting_before(n):
             if name not in consts:
-                consts[name] = _const(gm, w_loc, "_cpcompile_w")
+                consts[name] = graph_constant(gm, w_loc, "_cpcompile_w")
             if is_embedding(n):
                 y = _embedding(g, n, shard, consts[name], group)
                 counts["embedding"] += 1
                 counts["all_reduce"] += 1
             else:
-                b_node = _const(gm, b_loc.to(w_loc.dtype), "_cpcompile_b") if b_loc is not None else None
+                b_node = graph_constant(gm, b_loc.to(w_loc.dtype), "_cpcompile_b") if b_loc is not None else None
                 y = _lm_head(g, n, shard, consts[name], b_node, group, group_sizes[shard.group])
                 counts["lm_head"] += 1
                 counts["all_gather"] += 1

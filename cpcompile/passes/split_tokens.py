@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from cpcompile.passes._fx import insert_call, is_op, shape, val
+from cpcompile.passes._fx import erase_unused, insert_call, is_op, shape, val
 
 _c10d = torch.ops._c10d_functional
 
@@ -151,7 +151,7 @@ class _Splitter:
                 continue
             self._propagate(n)
         for n in dead:  # the replaced all-reduce chains: y [+ bias], wait, all_reduce
-            self._erase_chain(n)
+            erase_unused(self.g, n)
         self.g.lint()
         self.gm.recompile()
         return self.counts
@@ -406,13 +406,3 @@ class _Splitter:
         with fake.fake_mode:
             out = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
         n.meta["val"] = n.meta["example_value"] = out
-
-    def _erase_chain(self, y: fx.Node) -> None:
-        todo = [y]
-        while todo:
-            n = todo.pop()
-            if n.users or n.op in ("placeholder", "get_attr", "output"):
-                continue
-            inputs = n.all_input_nodes
-            self.g.erase_node(n)
-            todo += [i for i in inputs if i.op == "call_function"]
