@@ -13,6 +13,14 @@ with `S_local = ceil(max_length / (cp·I))·I` (I = kv_interleave). The token at
 never reads; so do positions past `max_length` (a prefill chunk's padding). The cache reports the **global** sequence length and a mask size of
 `max_length`, so HF's position ids and masks are those of the single-device model.
 
+**Latent layers** (MLA: DeepSeek-V2/V3 and the architectures sharing their `expand_kv`) cache
+one latent head, `keys = kv_nope [B, 1, S, R]` and `values = k_rot [B, 1, S, Dr]`. cpcompile keeps
+them in one joint buffer `keys [B, 1, S_local + 1, R + Dr]` (`values` is then empty), so the
+absorbed attention reads `[kv_nope, k_rot]` as its 576-wide key and the first R columns of the same
+rows as its value, with no per-step concatenation (FlashMLA's layout). One latent head cannot be
+split by heads, so a latent layer's slots are split over all `tp·cp` ranks of a replica (its
+`CacheLayout` has `cp = tp·cp`, `cp_rank` = the replica rank, `tp = 1`): Helix's KV parallelism.
+
 `update` returns what HF's attention would read, `[B, Hkv, max_length, D]`, through
 `cpcompile::kv_cache_read`: a marker op whose only implementation raises. The attention
 rewrite pass replaces every attention that reads it by `cpcompile::attention_with_lse` over
@@ -66,18 +74,22 @@ _READ_OUTSIDE_CPCOMPILE = (
 
 @torch.library.custom_op("cpcompile::kv_cache_read", mutates_args=())
 def kv_cache_read(
-    keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor, pos_new: torch.Tensor, max_length: int, num_heads: int
+    keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor, pos_new: torch.Tensor, max_length: int, num_heads: int,
+    joint: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Marker: 'attention reads this layer's cache as [B, num_heads, max_length, D]' (global
-    heads and length: the single-device view). Never executes."""
+    heads and length: the single-device view). `joint > 0`: a latent layer, whose `keys` buffer
+    holds keys in its first `joint` columns and values in the rest (`values` is unused). Never executes."""
     raise RuntimeError(_READ_OUTSIDE_CPCOMPILE)
 
 
 @kv_cache_read.register_fake
-def _(keys, values, slot_pos, pos_new, max_length, num_heads):
+def _(keys, values, slot_pos, pos_new, max_length, num_heads, joint=0):
     b, _, _, dk = keys.shape
     dv = values.shape[-1]
-    return keys.new_empty(b, num_heads, max_length, dk), values.new_empty(b, num_heads, max_length, dv)
+    if joint:
+        dk, dv = joint, dk - joint
+    return keys.new_empty(b, num_heads, max_length, dk), keys.new_empty(b, num_heads, max_length, dv)
 
 
 class KVCacheLayer(CacheLayerMixin):
@@ -87,9 +99,10 @@ class KVCacheLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = True
 
-    def __init__(self, layout: CacheLayout):
+    def __init__(self, layout: CacheLayout, latent: bool = False):
         super().__init__()
         self.layout = layout
+        self.latent = latent  # one joint [keys | values] buffer (module docstring)
         self.max_cache_len = layout.max_length
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)
 
@@ -101,8 +114,11 @@ class KVCacheLayer(CacheLayerMixin):
         self.num_heads = self.head_range[1] - self.head_range[0]
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         n = self.layout.local_slots + 1  # + the sink slot
-        self.keys = torch.zeros(self.batch_size, self.num_heads, n, self.k_head_dim, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(self.batch_size, self.num_heads, n, self.v_head_dim, dtype=self.dtype, device=self.device)
+        if self.latent and self.num_heads != 1:
+            raise ValueError(f"KVCache: a latent (MLA) layer caches one head, this one writes {self.num_heads}")
+        dk, dv = (self.k_head_dim + self.v_head_dim, 0) if self.latent else (self.k_head_dim, self.v_head_dim)
+        self.keys = torch.zeros(self.batch_size, self.num_heads, n, dk, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(self.batch_size, self.num_heads, n, dv, dtype=self.dtype, device=self.device)
         self.slot_pos = torch.full((n,), -1, dtype=torch.int64, device=self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():
@@ -123,11 +139,17 @@ class KVCacheLayer(CacheLayerMixin):
         h0, h1 = self.head_range
         if (h0, h1) != (0, self.global_heads):  # this TP rank's KV heads only
             key_states, value_states = key_states[:, h0:h1], value_states[:, h0:h1]
-        self.keys.index_copy_(2, dest, key_states.to(self.dtype))
-        self.values.index_copy_(2, dest, value_states.to(self.dtype))
+        if self.latent:
+            self.keys.index_copy_(2, dest, torch.cat([key_states, value_states], -1).to(self.dtype))
+        else:
+            self.keys.index_copy_(2, dest, key_states.to(self.dtype))
+            self.values.index_copy_(2, dest, value_states.to(self.dtype))
         self.slot_pos.index_copy_(0, dest, pos_new)
         self.cumulative_length.add_(n_new)
-        return torch.ops.cpcompile.kv_cache_read(self.keys, self.values, self.slot_pos, pos_new, lay.max_length, self.global_heads)
+        return torch.ops.cpcompile.kv_cache_read(
+            self.keys, self.keys if self.latent else self.values, self.slot_pos, pos_new, lay.max_length, self.global_heads,
+            self.k_head_dim if self.latent else 0,
+        )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.layout.max_length, 0
@@ -165,6 +187,8 @@ class KVCache(Cache):
 
     `KVCache(num_layers, max_length, cp=..., cp_rank=..., kv_interleave=...)`; buffers are
     allocated on the first write (batch size, heads, head dims and dtype come from the model).
+    `latent`: the layers that cache MLA latents (`latent_layers(analysis)`): one joint buffer each,
+    slots split over all `tp·cp` ranks (module docstring).
     """
 
     def __init__(
@@ -177,6 +201,7 @@ class KVCache(Cache):
         kv_interleave: int = 1,
         tp: int = 1,
         tp_rank: int = 0,
+        latent: frozenset[int] | set[int] = frozenset(),
     ):
         if max_length < 1:
             raise ValueError(f"KVCache: max_length={max_length}; expected a positive number of tokens")
@@ -187,7 +212,10 @@ class KVCache(Cache):
         if not 0 <= tp_rank < tp:
             raise ValueError(f"KVCache: tp_rank={tp_rank} is outside 0..{tp - 1} for tp={tp}")
         self.layout = CacheLayout(max_length, cp, cp_rank, kv_interleave, tp, tp_rank)
-        super().__init__(layers=[KVCacheLayer(self.layout) for _ in range(num_layers)])
+        # a latent layer's one head: slots over the replica's tp*cp ranks (Helix), replica rank = tp_rank*cp + cp_rank
+        latent_layout = CacheLayout(max_length, tp * cp, tp_rank * cp + cp_rank, kv_interleave)
+        super().__init__(layers=[KVCacheLayer(latent_layout, True) if i in latent else KVCacheLayer(self.layout)
+                                 for i in range(num_layers)])
 
     @property
     def max_length(self) -> int:

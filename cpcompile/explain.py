@@ -25,7 +25,7 @@ from cpcompile.passes import Analysis
 from cpcompile.passes.plan import FFN_ROLES, Mesh, MeshError, _problems, placement_for, valid_meshes, validate_mesh
 
 # as split_tokens.ATTENTION_INPUT_ROLES: the projections that need every token of the replica
-_ATTENTION_INPUTS = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down")
+_ATTENTION_INPUTS = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down", "mla_q")
 _ROW_FFN = ("down", "fc2", "shared_down")
 
 

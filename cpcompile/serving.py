@@ -325,6 +325,7 @@ class Engine:
 
     def _session(self, past, lay: RowLayout, batch: int) -> Session:
         from cpcompile.cache import KVCache
+        from cpcompile.passes.absorb_latent import latent_layers
 
         st = self.state
         if past is not None and past in self.sessions:
@@ -349,6 +350,7 @@ class Engine:
             kv_interleave=st.options.kv_interleave,
             tp=st.options.tp,
             tp_rank=r.tp_rank if r else 0,
+            latent=latent_layers(st.analysis.sites),  # MLA: one joint latent buffer, slots over tp*cp
         ).allocate_shapes(st.kv_shapes, lay.rows, self.device)
         s = Session(kv, lay.rows, batch)
         self.sessions[kv] = s

@@ -1,11 +1,13 @@
 """The pass manager: cpcompile's passes, in their fixed order.
 
 0. normalize_linears — every projection form (x @ W.T, addmm, ...) -> linear. (canonicalises)
-1. find_attention    — attention sites (SDPA / eager forms), their K/V source.  (reads)
+1. find_attention    — attention sites (SDPA / eager forms), their K/V source;  (reads)
+                       absorb_latent.find_latent: MLA's K/V made from a cached latent.
 2. find_projections  — every linear's role, by dataflow.                       (reads)
 3. plan              — role -> placement under the mesh, validated.            (reads)
 4. rewrite_attention — cache read + attention -> attention_with_lse over this rank's heads
-                       and slots, plus the CP combine collectives.           (rewrites)
+                       and slots, plus the CP combine collectives; MLA sites are absorbed
+                       into attention over the cached latent (absorb_latent). (rewrites)
 5. shard_linears     — sharded projections -> local linears + all-reduces.     (rewrites)
 5b. shard_vocab      — embedding lookups and the LM head over this rank's vocab rows,
                        + an all-reduce / all-gather over the replica.           (rewrites)
@@ -34,6 +36,7 @@ from torch import fx
 
 from cpcompile.options import Options
 from cpcompile.passes._fx import descendants, is_op, op_count
+from cpcompile.passes.absorb_latent import find_latent
 from cpcompile.passes.find_attention import AttentionSite, find_attention_sites
 from cpcompile.passes.find_projections import Roles, find_projections
 from cpcompile.passes.normalize_linears import normalize_linears, unrecognised_products
@@ -68,6 +71,8 @@ def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | No
     before analysis; it keeps the model's results)."""
     normalize_linears(gm, names)
     sites = find_attention_sites(gm)
+    for s in sites:
+        s.latent = find_latent(s)
     roles = find_projections(gm, sites, names)
     placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab, options.moe))
     return Analysis(sites, roles, placements, _notes(gm, sites, roles, names))

@@ -70,7 +70,14 @@ def forward_support(src: fx.Node, dst: fx.Node, region: Callable[[torch.Tensor],
 
 def _evaluate(src: fx.Node, dst: fx.Node, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     on_path = descendants([src], lambda n: n is dst) & (ancestors(dst, lambda n: n is src) | {dst})
-    env: dict[fx.Node, object] = {src: x}
+    return evaluate(on_path, {src: x}, gen, f"from {src.name} to {dst.name}")[dst]
+
+
+def evaluate(nodes: set[fx.Node], env: dict[fx.Node, object], gen: torch.Generator, where: str) -> dict[fx.Node, object]:
+    """Run `nodes` in graph order in float64, with the values in `env` for the nodes given there and
+    random values for any other input they read; returns `env` filled in. A fresh `new_empty` is
+    filled with NaN, so a column nothing writes can never pass for a value."""
+    env = dict(env)
 
     def load(a):
         if isinstance(a, fx.Node):
@@ -79,27 +86,30 @@ def _evaluate(src: fx.Node, dst: fx.Node, x: torch.Tensor, gen: torch.Generator)
             return env[a]
         return a
 
-    for n in (n for n in src.graph.nodes if n in on_path):
+    first = next(iter(nodes)) if nodes else None
+    for n in (n for n in first.graph.nodes if n in nodes and n not in env) if first is not None else ():
         args = fx.node.map_aggregate(n.args, load)
         kwargs = fx.node.map_aggregate(n.kwargs, load)
         args = tuple(torch.float64 if isinstance(a, torch.dtype) and a.is_floating_point else a for a in args)
         kwargs = {k: (torch.float64 if isinstance(v, torch.dtype) and v.is_floating_point else v) for k, v in kwargs.items()}
         if n.op not in ("call_function", "call_method"):
-            raise ProbeError(f"probe: cannot evaluate {n.op} node {n.name} on the path from {src.name} to {dst.name}")
+            raise ProbeError(f"probe: cannot evaluate {n.op} node {n.name} on the path {where}")
         try:
             env[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
+            if n.op == "call_method" and n.target == "new_empty":
+                env[n] = env[n].fill_(float("nan"))
         except (RuntimeError, IndexError, ValueError) as e:
             # Sizes or indices fixed at capture from the traced values (a router's split sizes, a
             # gather by routed expert) do not hold for other values: the layout between src and dst
             # depends on the data, and no static sharding of it can be exact.
             raise ProbeError(
-                f"probe: the path from {src.name} to {dst.name} depends on the data, not only on shapes: "
+                f"probe: the path {where} depends on the data, not only on shapes: "
                 f"{n.name} ({getattr(n.target, '__name__', n.target)}) fails on values other than the traced ones "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). This is what routed projections look like "
                 "(mixture-of-experts FFNs or attention heads, whose split sizes come from the router); cpcompile "
                 "cannot shard them in this version"
             ) from e
-    return env[dst]
+    return env
 
 
 class ProbeError(ValueError):

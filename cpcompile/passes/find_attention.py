@@ -54,6 +54,7 @@ class AttentionSite:
     softcap: float = 0.0
     cache_read: fx.Node | None = None  # the cpcompile::kv_cache_read the K/V come from
     chain: list[fx.Node] = field(default_factory=list)  # eager-form nodes the rewrite replaces
+    latent: "object | None" = None  # absorb_latent.LatentKV: K/V expanded from one cached latent head (MLA)
 
     @property
     def dims(self) -> dict[str, int]:
@@ -68,6 +69,8 @@ class AttentionSite:
         if self.softcap:
             extras.append(f"softcap={self.softcap:g}")
         extras.append("cache=cpcompile" if self.cache_read is not None else "cache=none")
+        if self.latent is not None:
+            extras.append(self.latent.describe())
         heads = f"Hq={d['Hq']} Hkv={d['Hkv']}"
         dims = f"Dk={d['Dk']}" if d["Dk"] == d["Dv"] else f"Dk={d['Dk']} Dv={d['Dv']}"
         return f"{self.form} attention, {heads}, {dims}, scale={self.scale:.4g}, " + ", ".join(extras)

@@ -158,6 +158,8 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
             tags = "".join(t for t, s in (("q", q), ("k", k), ("v", v)) if lin in s)
             if up and tags in ("k", "v", "kv"):
                 tags = "kv_down"  # writes latents the cache-side up-projection expands (MLA)
+            if site.latent is not None and tags == "q":
+                tags = "mla_q"  # its query is absorbed over all heads on every rank (absorb_latent.py)
             role[lin] = (tags, i)
         for lin in up:
             role[lin] = ("kv_up", i)

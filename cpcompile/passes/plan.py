@@ -6,7 +6,7 @@ the meshes this model can take.
 
 | role                     | placement (combine all_to_all / ag_rs)  | all_gather combine |
 |--------------------------|-----------------------------------------|--------------------|
-| q, k, v, kv_up (MLA)     | column over tp, by heads                | same               |
+| q, k, v                  | column over tp, by heads                | same               |
 | qkv, kv (fused)          | packed column over tp, by heads         | same               |
 | o                        | row over the replica (tp*cp ranks)      | row over tp        |
 | gate, up, fc1            | column over the FFN group (below)       | same               |
@@ -17,6 +17,7 @@ the meshes this model can take.
 | shared_gate/up/down      | column / column / row over the MoE group| same               |
 | embedding, lm_head       | vocab rows over the replica (`vocab`)   | same               |
 | q_down, kv_down (latents)| replicate                               | same               |
+| mla_q, kv_up (MLA)       | replicate: every rank attends all heads over its latent slots (Helix) | same |
 | ffn_other, shared, other |                                         |                    |
 
 The FFN group follows `ffn` (DESIGN.md section 3): 'tp' -> the replica (tp*cp ranks, Helix's
@@ -39,7 +40,7 @@ from cpcompile.passes.find_projections import Roles
 
 _PLACEMENT = {
     "q": "column/tp", "k": "column/tp", "v": "column/tp", "qkv": "packed-column/tp", "kv": "packed-column/tp",
-    "qk": "packed-column/tp", "qv": "packed-column/tp", "kv_up": "column/tp",
+    "qk": "packed-column/tp", "qv": "packed-column/tp",
     "o": "row/replica",
     "gate": "column/ffn", "up": "column/ffn", "fc1": "column/ffn", "gate_up": "packed-column/ffn",
     "down": "row/ffn", "fc2": "row/ffn",
@@ -141,12 +142,6 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
             )
     if mesh.replica > 1:
         out += [f"layer {m}" for m in missing_roles(roles, sites)]
-    mla = sorted({p.layer for p in roles.projections if p.role == "kv_up"})
-    if mla and mesh.replica > 1 or mla and mesh.ffn == "world_tp" and mesh.world > 1:
-        out.append(
-            f"layers {mla}: MLA attention (K/V up-projected from cached latents, DeepSeek-V2/V3) runs at "
-            "tp = cp = 1 (and ffn != 'world_tp') only in this version"
-        )
     for p in roles.projections:
         pl = placement_for(p.role, mesh)
         if pl == "replicate":
@@ -168,7 +163,7 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
     return sorted(set(out))
 
 
-_NEEDS = {"q": ("q", "qkv", "qk", "qv"), "k": ("k", "qkv", "qk", "kv", "kv_down"), "v": ("v", "qkv", "qv", "kv", "kv_down"), "o": ("o",)}
+_NEEDS = {"q": ("q", "qkv", "qk", "qv", "mla_q"), "k": ("k", "qkv", "qk", "kv", "kv_down"), "v": ("v", "qkv", "qv", "kv", "kv_down"), "o": ("o",)}
 
 
 def missing_roles(roles: Roles, sites: list[AttentionSite]) -> list[str]:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from cpcompile.kernels.layout import kv_head_range
 from cpcompile.passes._fx import getitem_user, insert_call, is_op, shape, source_line, val
+from cpcompile.passes.absorb_latent import expands, latent_inputs, local_latent, up_project, written_region
 from cpcompile.passes.find_attention import AttentionError, AttentionSite
 
 if TYPE_CHECKING:
@@ -68,17 +69,25 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
     reads_done: dict[fx.Node, int] = {}  # kv_cache_read -> S_local
     for site in sites:
         d = site.dims
+        lat = site.latent
+        n_slots, slot_rank = _slot_split(site, par)
+        expansion = written_region([site.key, site.value], set(site.cache_read.users)) if lat is not None else set()
         with g.inserting_before(site.output):
+            q = site.query
             if site.cache_read is not None:
                 s_local = reads_done.get(site.cache_read) or _replace_cache_read(g, site)
                 reads_done[site.cache_read] = s_local
                 keys_buf, _, slot_pos, pos_new, max_length = site.cache_read.args[:5]
-                k, v = site.key, site.value
-                if shape(k)[2] != s_local:
-                    raise AttentionError(f"attention #{site.index}: reads {shape(k)[2]} slots, expected {s_local}")
+                if lat is not None:  # MLA: attend over the cached latent (absorb_latent.py)
+                    expanded = expands(lat, d["Lq"], s_local)
+                    q, k, v = latent_inputs(g, site, lat, local_latent(g, site.cache_read, s_local), expanded)
+                else:
+                    k, v = site.key, site.value
+                    if shape(k)[2] != s_local:
+                        raise AttentionError(f"attention #{site.index}: reads {shape(k)[2]} slots, expected {s_local}")
                 pos_q = _expand_rows(g, pos_new, d["B"])
                 pos_kv = _expand_rows(g, insert_call(g, operator.getitem, (slot_pos, slice(None, s_local))), d["B"])
-                filled = _filled_slots(g, pos_new, d["B"], par)
+                filled = _filled_slots(g, pos_new, d["B"], n_slots, slot_rank, par.kv_interleave if par else 1)
             else:
                 if par is not None and par.info.cp > 1:
                     raise AttentionError(
@@ -96,15 +105,15 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
                 pos_q = _expand_rows(g, insert_call(g, torch.arange, (s - lq, s), {"device": device}), d["B"])
                 filled = None
             mask = _kernel_mask(g, site.mask, d) if site.mask is not None else None
-            q = site.query
+            heads = {"tp": (0, d["Hq"]), "out": (0, d["Hq"])}
             if par is not None:
                 from cpcompile.passes.shard_weights import head_ranges
 
                 heads = head_ranges(par.info, d["Hq"], par.combine)
-                if par.info.tp > 1:
+                if par.info.tp > 1 and lat is None:  # a latent site attends every head over its slots (Helix)
                     q = insert_call(g, operator.getitem, (q, (_ALL, slice(*heads["tp"]))))
-                if mask is not None and par.info.cp > 1 and site.cache_read is not None:
-                    mask = _mask_to_slots(gm, mask, shape(k)[2], par)
+                if mask is not None and n_slots > 1 and site.cache_read is not None:
+                    mask = _mask_to_slots(gm, mask, shape(k)[2], n_slots, slot_rank, par.kv_interleave)
             out = insert_call(
                 g,
                 torch.ops.cpcompile.attention_with_lse.default,
@@ -113,12 +122,18 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
             o = insert_call(g, operator.getitem, (out, 0))
             if par is not None:
                 lse = insert_call(g, operator.getitem, (out, 1))
-                o = _combine(g, o, lse, par)
+                o = _combine(g, o, lse, par.combine, n_slots, par.group_names["replica" if lat is not None else "cp"])
+                if lat is not None and shape(o)[1] == d["Hq"] and heads["out"] != (0, d["Hq"]):
+                    o = insert_call(g, operator.getitem, (o, (_ALL, slice(*heads["out"]))))  # all_gather: every head merged
+            if lat is not None and not expanded:
+                o = up_project(g, lat, o, heads["out"])  # W_UV for the heads this rank holds, after the exchange
+            if par is not None:
                 h0, h1 = heads["out"]
                 o = insert_call(g, F.pad, (o, (0, 0, 0, 0, h0, d["Hq"] - h1)))  # back to all heads, zeros elsewhere
         old = site.output
         old.replace_all_uses_with(o)
         _erase_dead([old, *site.chain])
+        _erase_written(g, expansion)
     for read in reads_done:
         _erase_dead([u for u in read.users] + [read])
     leftover = [n for n in g.nodes if is_op(n, "sdpa") or is_op(n, "kv_cache_read")]
@@ -133,6 +148,28 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
     g.lint()
     gm.recompile()
     return RewriteResult(len(sites), len(reads_done))
+
+
+def _slot_split(site: AttentionSite, par: "AttentionParallel | None") -> tuple[int, int]:
+    """(ranks the site's KV slots are split over, this rank's index among them): the CP group, or
+    for a latent (MLA) site, whose one KV head cannot be split by heads, the whole replica (Helix)."""
+    if par is None:
+        return 1, 0
+    info = par.info
+    if site.latent is not None:
+        return info.tp * info.cp, info.tp_rank * info.cp + info.cp_rank
+    return info.cp, info.cp_rank
+
+
+def _erase_written(g: fx.Graph, region: set[fx.Node]) -> None:
+    """Erase what is left of an MLA site's expansion, in-place writes into its dead temporaries
+    included (`_erase_dead` keeps in-place calls, rightly, everywhere else)."""
+    order = {n: i for i, n in enumerate(g.nodes)}
+    erased: set[fx.Node] = set()
+    for n in sorted((n for n in region if n in order), key=order.get, reverse=True):
+        if all(u in erased for u in n.users) and n.op in ("call_function", "call_method"):
+            g.erase_node(n)
+            erased.add(n)
 
 
 def _describe_leftover(n: fx.Node) -> str:
@@ -161,6 +198,8 @@ def _replace_cache_read(g: fx.Graph, site: AttentionSite) -> int:
     read = site.cache_read
     keys_buf, values_buf, _, _, max_length = read.args[:5]
     s_local = shape(keys_buf)[2] - 1
+    if site.latent is not None:
+        return s_local  # absorb_latent builds its K/V from the buffer; the read's outputs die with the expansion
     if s_local != max_length and (site.key.args[0] is not read or site.value.args[0] is not read):
         # Ops between the read and the attention were traced with the global length baked into
         # their shapes; at cp > 1 they would need re-shaping (planned with the CP issue).
@@ -189,14 +228,14 @@ def _expand_rows(g: fx.Graph, pos: fx.Node, batch: int) -> fx.Node:
     return insert_call(g, torch.Tensor.expand, (row, batch, shape(pos)[0]))
 
 
-def _filled_slots(g: fx.Graph, pos_new: fx.Node, batch: int, par: "AttentionParallel | None") -> fx.Node:
+def _filled_slots(g: fx.Graph, pos_new: fx.Node, batch: int, cp: int, r: int, i: int) -> fx.Node:
     """[B] int64: this rank's filled local slots once this step's tokens are written, so the kernel
     reads the live prefix only (decode cost follows the context, not max_length). The slots fill
     in order: positions 0..n-1 are written, and this CP rank holds those of them that the
-    interleave rule gives it, a prefix of its slots (`kernels.layout`)."""
+    interleave rule gives it, a prefix of its slots (`kernels.layout`). `cp`: the ranks the slots are
+    split over (`_slot_split`), `r` this rank's index, `i` the interleave."""
     n = insert_call(g, operator.add, (insert_call(g, operator.getitem, (pos_new, slice(-1, None))), 1))  # [1]
-    if par is not None and par.info.cp > 1:
-        cp, i, r = par.info.cp, par.kv_interleave, par.info.cp_rank
+    if cp > 1:
         full = insert_call(g, operator.floordiv, (n, cp * i))
         rest = insert_call(g, operator.sub, (n, insert_call(g, operator.mul, (full, cp * i))))
         mine = insert_call(g, torch.clamp, (insert_call(g, operator.sub, (rest, r * i)),), {"min": 0, "max": i})
@@ -233,14 +272,14 @@ def _erase_dead(roots: list[fx.Node]) -> None:
 _c10d = torch.ops._c10d_functional
 
 
-def _mask_to_slots(gm: fx.GraphModule, mask: fx.Node, s_local: int, par: AttentionParallel) -> fx.Node:
+def _mask_to_slots(gm: fx.GraphModule, mask: fx.Node, s_local: int, cp: int, r: int, interleave: int) -> fx.Node:
     """[B, Lq, max_length] over global positions -> [B, Lq, S_local] over this rank's slots."""
     from cpcompile.kernels.layout import slot_positions
     from cpcompile.passes.shard_linears import graph_constant
 
     g = gm.graph
     n_cols = shape(mask)[-1]
-    idx = slot_positions(s_local, par.info.cp, par.info.cp_rank, par.kv_interleave).clamp(max=n_cols - 1)
+    idx = slot_positions(s_local, cp, r, interleave).clamp(max=n_cols - 1)
     idx_node = graph_constant(gm, idx.to(val(mask).device), "_cpcompile_slots")
     return insert_call(g, torch.Tensor.index_select, (mask, -1, idx_node))
 
@@ -261,15 +300,14 @@ def _unpack(g: fx.Graph, x: fx.Node, dv: int) -> tuple[fx.Node, fx.Node]:
     return o, insert_call(g, operator.getitem, (l, (Ellipsis, 0)))
 
 
-def _combine(g: fx.Graph, o: fx.Node, lse: fx.Node, par: AttentionParallel) -> fx.Node:
-    """Exact CP combine of partial (o, lse) over this rank's KV shard (DESIGN.md section 2)."""
-    cp = par.info.cp
+def _combine(g: fx.Graph, o: fx.Node, lse: fx.Node, combine: str, cp: int, name: str) -> fx.Node:
+    """Exact combine of partial (o, lse) over the `cp` ranks of group `name` that hold this site's KV
+    slots (DESIGN.md section 2; the replica for a latent site)."""
     if cp == 1:
         return o
     b, h, lq, dv = shape(o)
-    name = par.group_names["cp"]
     merge = torch.ops.cpcompile.merge_states.default
-    if par.combine == "all_gather":
+    if combine == "all_gather":
         packed = _pack(g, o, lse)
         got = insert_call(g, _c10d.all_gather_into_tensor.default, (packed, cp, name))
         got = insert_call(g, _c10d.wait_tensor.default, (got,))
@@ -277,7 +315,7 @@ def _combine(g: fx.Graph, o: fx.Node, lse: fx.Node, par: AttentionParallel) -> f
         o_r, lse_r = _unpack(g, got, dv)
         return insert_call(g, operator.getitem, (insert_call(g, merge, (o_r, lse_r)), 0))
     hc = h // cp
-    if par.combine == "all_to_all":  # Helix: peer j gets its 1/cp of the heads, o and lse in one exchange
+    if combine == "all_to_all":  # Helix: peer j gets its 1/cp of the heads, o and lse in one exchange
         packed = _pack(g, o, lse)
         e = shape(packed)[-1]
         x = insert_call(g, torch.Tensor.view, (packed, (b, cp, hc, lq, e)))

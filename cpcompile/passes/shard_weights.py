@@ -156,12 +156,10 @@ def _shard_site(shards: dict[str, WeightShard], site, layer: list, info: RankInf
             cols = []
             if "q" in p.role:
                 cols.append(column_support(lin, site.query, lambda t: t[:, heads["tp"][0] : heads["tp"][1]]))
-            if "k" in p.role and p.role != "kv_up":
+            if "k" in p.role:
                 cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_k]
-            if "v" in p.role and p.role != "kv_up":
+            if "v" in p.role:
                 cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in new_v]
-            if p.role == "kv_up":  # MLA: the cache-side up-projection makes this rank's K/V heads
-                cols += [column_support(lin, n, lambda t: t[:, kv0:kv1]) for n in (site.key, site.value)]
             if not cols:
                 raise ValueError(f"shard_weights: {p.weight} ({p.role}) has no column rule")
             shards[p.weight] = _shard(p, kind, group, torch.cat(cols).unique())

@@ -50,7 +50,7 @@ from cpcompile.passes._fx import erase_unused, insert_call, is_op, shape, val
 _c10d = torch.ops._c10d_functional
 
 FULL, CHUNK, GATHERED = "full", "chunk", "gathered"
-ATTENTION_INPUT_ROLES = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down")
+ATTENTION_INPUT_ROLES = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down", "mla_q")
 FFN_COLUMN_ROLES = ("gate", "up", "fc1", "gate_up")
 
 # ops that act on each token on its own when their dims are feature dims (checked per node)
