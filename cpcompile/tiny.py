@@ -55,6 +55,20 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
             qk_nope_head_dim=16,
             v_head_dim=12,
         ),
+        # MLA without a query down-projection (DeepSeek-V2-Lite's shape: q_lora_rank=None), MoE from layer 1
+        "deepseek_v2": transformers.DeepseekV2Config(
+            **{**c, "num_key_value_heads": 4},
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=24,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=12,
+            v_head_dim=16,
+        ),
         # MoE (transformers' 3-D experts, "grouped_mm" implementation): top-2 of 4; the second has a
         # shared expert beside top-3 of 4 routed ones
         "mixtral": transformers.MixtralConfig(**{**c, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2),
@@ -65,13 +79,14 @@ def _configs() -> dict[str, transformers.PretrainedConfig]:
 
 
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe")  # beside ARCHITECTURES (whose sweeps they would lengthen)
-ARCHITECTURES = tuple(a for a in _configs() if a not in MOE_ARCHITECTURES)
+MLA_ARCHITECTURES = ("deepseek_v3", "deepseek_v2")  # latent attention: q_lora_rank set / None (tests/distributed/test_mla.py)
+ARCHITECTURES = tuple(a for a in _configs() if a not in MOE_ARCHITECTURES and a != "deepseek_v2")
 
 
 def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
     configs = _configs()
     if arch not in configs:
-        raise ValueError(f"tiny_config: unknown architecture {arch!r}; expected one of {ARCHITECTURES + MOE_ARCHITECTURES}")
+        raise ValueError(f"tiny_config: unknown architecture {arch!r}; expected one of {tuple(configs)}")
     cfg = configs[arch]
     for k, v in overrides.items():
         setattr(cfg, k, v)

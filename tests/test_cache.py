@@ -60,3 +60,13 @@ def test_a_model_with_its_own_cache_class_is_refused_by_name():
 
     with pytest.raises(ValueError, match=r"_OwnCacheModel refuses a transformers Cache \(Own uses cache of its own.*cannot replace"):
         kv_shapes(_OwnCacheModel())
+
+
+def test_latent_layers_keep_one_joint_buffer_split_over_the_replica():
+    """An MLA layer at tp=2, cp=2: one [c | r] buffer, its slots over all 4 ranks (replica rank 3 here)."""
+    cache = KVCache(2, 10, cp=2, cp_rank=1, tp=2, tp_rank=1, latent={0, 1}).allocate(tiny_model("deepseek_v3"), batch_size=3)
+    layer = cache.layers[0]
+    assert layer.latent and layer.layout.cp == 4 and layer.layout.cp_rank == 3 and layer.layout.tp == 1
+    assert layer.keys.shape == (3, 1, 3 + 1, 16 + 8)  # [B, 1, ceil(10/4) + sink, R + Dr]
+    assert layer.values.numel() == 0
+    assert cache.kv_bytes() == 2 * (3 * 1 * 4 * 24) * 4  # exactly the latent: 24 values per slot, nothing expanded

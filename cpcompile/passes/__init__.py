@@ -186,6 +186,8 @@ def run_passes(
     counts["collective_bytes"] = collective_bytes(gm)
     counts.update(
         attention_rewritten=result.rewritten,
+        latent_absorbed=result.latent_absorbed,
+        latent_expanded=result.latent_expanded,
         sdpa_after=op_count(gm, "sdpa"),
         cache_reads_after=op_count(gm, "kv_cache_read"),
         attention_with_lse=sum(n.target is _lse_op() for n in gm.graph.nodes),

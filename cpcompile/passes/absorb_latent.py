@@ -192,7 +192,7 @@ def expands(lat: LatentKV, lq: int, slots: int) -> bool:
     `slots` local slots (per rank, multiply-adds):
         absorbed = H * Lq * (Dn*R + S*(R + Dr) + S*R + R*Dv)
         expanded = S * R * H * (Dn + Dv) + H * Lq * S * (Dn + Dr + Dv)
-    At DeepSeek-V3's dims (R=512, Dr=64, Dn=Dv=128) over a long cache, expanded wins from about 171
+    At DeepSeek-V3's dims (R=512, Dr=64, Dn=Dv=128) over 32k local slots, expanded wins from 170
     query tokens: long prefill chunks expand, decode never does."""
     h, r, dr, dn, dv, s = lat.heads, lat.rank, lat.rope, lat.dn, lat.dv, slots
     absorbed = h * lq * (dn * r + s * (r + dr) + s * r + r * dv)

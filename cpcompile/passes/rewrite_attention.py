@@ -52,6 +52,8 @@ _ALL = slice(None)
 class RewriteResult:
     rewritten: int  # attention sites replaced
     cache_reads_removed: int
+    latent_absorbed: int = 0  # MLA sites attending the cached latent (absorb_latent.py)
+    latent_expanded: int = 0  # MLA sites expanded to per-head K/V (a prefill chunk where that costs fewer FLOPs)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class AttentionParallel:
 def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: AttentionParallel | None = None) -> RewriteResult:
     g = gm.graph
     reads_done: dict[fx.Node, int] = {}  # kv_cache_read -> S_local
+    latent = {True: 0, False: 0}  # expanded -> MLA sites
     for site in sites:
         d = site.dims
         lat = site.latent
@@ -80,6 +83,7 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
                 keys_buf, _, slot_pos, pos_new, max_length = site.cache_read.args[:5]
                 if lat is not None:  # MLA: attend over the cached latent (absorb_latent.py)
                     expanded = expands(lat, d["Lq"], s_local)
+                    latent[expanded] += 1
                     q, k, v = latent_inputs(g, site, lat, local_latent(g, site.cache_read, s_local), expanded)
                 else:
                     k, v = site.key, site.value
@@ -147,7 +151,7 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
         )
     g.lint()
     gm.recompile()
-    return RewriteResult(len(sites), len(reads_done))
+    return RewriteResult(len(sites), len(reads_done), latent[False], latent[True])
 
 
 def _slot_split(site: AttentionSite, par: "AttentionParallel | None") -> tuple[int, int]:

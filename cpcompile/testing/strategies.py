@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 from cpcompile.options import COMBINES, DP_INPUTS, FFNS, MOES
 
 PARALLEL_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "gpt_neox")
-"""Architectures cpcompile runs at any valid (tp, cp); deepseek_v3 (MLA) runs at tp = cp = 1 only."""
-SINGLE_DEVICE_ONLY = ("deepseek_v3",)
+"""Architectures cpcompile runs at any valid (tp, cp)."""
+MLA_ARCHITECTURES = ("deepseek_v3",)
+"""Latent attention (absorbed, slots over tp*cp) with MoE layers; q_lora_rank drawn set or None."""
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe")
 """MoE architectures whose experts cpcompile shards (`moe`='tp' or 'ep'); qwen2_moe has a shared expert."""
 
@@ -141,7 +142,7 @@ def tiny_configs(draw, arch: str):
             qk_rope_head_dim=8, qk_nope_head_dim=d, v_head_dim=draw(st.sampled_from([8, 12])),
         )
     raise ValueError(f"tiny_configs: unknown architecture {arch!r}; expected one of "
-                     f"{PARALLEL_ARCHITECTURES + MOE_ARCHITECTURES + SINGLE_DEVICE_ONLY}")
+                     f"{PARALLEL_ARCHITECTURES + MOE_ARCHITECTURES + MLA_ARCHITECTURES}")
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -165,10 +166,6 @@ def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all", dp: int
     rules applied to the heads and the projection widths (q, k, v / qkv column over tp; o row over
     the replica, or over tp for 'all_gather'; gate, up, down / gate_up / fc1, fc2 over the FFN
     group: the replica (ffn='tp'), tp ('sp') or every rank ('world_tp'))."""
-    if config.model_type in SINGLE_DEVICE_ONLY:  # MLA: a replica of one rank, the FFN not spread over replicas
-        if (tp, cp) != (1, 1) or (ffn == "world_tp" and dp > 1):
-            return [f"{config.model_type} runs at tp = cp = 1 (and ffn != 'world_tp' at dp > 1) only"]
-        return []
     d, out = _dims(config), []
     hq, hkv = d["Hq"], d["Hkv"]
     if hq % tp:
@@ -178,6 +175,17 @@ def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all", dp: int
     if combine in ("all_to_all", "ag_rs") and (hq // tp) % cp:
         out.append(f"Hq/tp={hq // tp} % cp={cp}")
     widths = [("o", hq * d["D"], tp if combine == "all_gather" else tp * cp)]
+    if config.model_type in MLA_ARCHITECTURES:  # q and kv_b replicated (Helix); dense first layers, then MoE blocks
+        g = tp * cp if ffn != "sp" else tp
+        widths = [("o", hq * config.v_head_dim, tp if combine == "all_gather" else tp * cp)]
+        if config.first_k_dense_replace > 0:
+            widths += [("ffn", config.intermediate_size, _ffn_group(ffn, tp, cp, dp))]
+        if config.first_k_dense_replace < config.num_hidden_layers:
+            if moe == "ep" and g > 1 and config.n_routed_experts % g:
+                out.append(f"{config.n_routed_experts} experts % {g}")
+            widths += [("experts", config.moe_intermediate_size, g if moe == "tp" else 1),
+                       ("shared expert", config.moe_intermediate_size * config.n_shared_experts, g)]
+        return out + [f"{name} width {w} % {n}" for name, w, n in widths if n > 1 and w % n]
     if config.model_type in MOE_ARCHITECTURES:  # every layer a MoE block: experts (+ a shared expert) over the MoE group
         g = tp * cp if ffn != "sp" else tp
         n_experts = getattr(config, "num_local_experts", None) or config.num_experts

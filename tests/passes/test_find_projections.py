@@ -13,7 +13,7 @@ EXPECTED = {
     "gemma2": {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
     "phi3": {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"},
     "gpt_neox": {"query_key_value": "qkv", "attention.dense": "o", "dense_h_to_4h": "fc1", "dense_4h_to_h": "fc2"},
-    "deepseek_v3": {"q_a_proj": "q_down", "q_b_proj": "q", "kv_a_proj_with_mqa": "kv_down", "kv_b_proj": "kv_up", "o_proj": "o"},
+    "deepseek_v3": {"q_a_proj": "q_down", "q_b_proj": "mla_q", "kv_a_proj_with_mqa": "kv_down", "kv_b_proj": "kv_up", "o_proj": "o"},
 }
 
 

@@ -19,7 +19,7 @@ from cpcompile.testing import FP32_TOLERANCE, assert_equivalent
 from cpcompile.testing.strategies import (
     MOE_ARCHITECTURES,
     PARALLEL_ARCHITECTURES,
-    SINGLE_DEVICE_ONLY,
+    MLA_ARCHITECTURES,
     meshes,
     prompts,
     tiny_configs,
@@ -61,13 +61,13 @@ def test_moe_parallel_equals_single_device(worlds, data):
     _check(worlds, config, mesh, batch, data.draw(st.integers(1, 4), label="max_new_tokens"), data.draw(st.integers(0, 3), label="seed"))
 
 
-@pytest.mark.parametrize("arch", SINGLE_DEVICE_ONLY)
+@pytest.mark.parametrize("arch", MLA_ARCHITECTURES)
 @given(data=st.data())
-def test_single_device_only_architectures(worlds, arch, data):
-    """DeepSeek-V3 (MLA + MoE) runs on replicas of one rank (tp = cp = 1), at dp = 1 or more:
-    its compiled model equals HF's."""
+def test_mla_parallel_equals_single_device(worlds, arch, data):
+    """DeepSeek-V3 (MLA + MoE; q_lora_rank set or None): absorbed attention over the latent slots
+    split over tp*cp ranks, any mesh of 2-4 ranks it can take, equals HF's."""
     config = data.draw(tiny_configs(arch), label="config")
-    mesh = data.draw(meshes(config, max_world=2), label="mesh")
+    mesh = data.draw(meshes(config, max_world=4, min_world=2), label="mesh")
     batch = data.draw(prompts(config.vocab_size, max_batch=2, max_len=6, min_batch=mesh.dp), label="prompts")
     _check(worlds, config, mesh, batch, data.draw(st.integers(1, 4), label="max_new_tokens"), 0)
 

@@ -13,7 +13,7 @@ from cpcompile.testing.strategies import (
     FIRST_TOKEN,
     MOE_ARCHITECTURES,
     PARALLEL_ARCHITECTURES,
-    SINGLE_DEVICE_ONLY,
+    MLA_ARCHITECTURES,
     invalid_meshes,
     meshes,
     mesh_problems,
@@ -54,15 +54,14 @@ def _agree_at_every_dp_and_ffn(config, analysis, max_world=8):
         assert sorted(p.layer for p in analysis.roles.projections if p.role == "expert_down") == list(range(config.num_hidden_layers))
 
 
-@pytest.mark.parametrize("arch", SINGLE_DEVICE_ONLY)
+@pytest.mark.parametrize("arch", MLA_ARCHITECTURES)
 @BOUNDED
 @given(data=st.data())
-def test_single_device_architectures_draw_only_replicas_of_one_rank(arch, data):
+def test_mla_mesh_rules_agree_with_the_plan(arch, data):
     config = data.draw(tiny_configs(arch))
     analysis = capture(tiny_model_from_config(config), Options())
     _agree_at_every_dp_and_ffn(config, analysis)
-    mesh = data.draw(meshes(config))
-    assert (mesh.tp, mesh.cp) == (1, 1) and (mesh.dp == 1 or mesh.ffn != "world_tp")
+    assert all(s.latent is not None for s in analysis.sites)  # every layer's attention absorbed
 
 
 def test_meshes_draw_every_dp_ffn_and_input_mode():
