@@ -62,21 +62,25 @@ def token_layout(mesh: Mesh) -> str:
     return f"{rows}ffn='{mesh.ffn}'{same}: every rank of a replica holds all its tokens; FFN tensor-parallel over the replica's tp*cp={mesh.replica} ranks"
 
 
-def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh) -> list[Collective]:
-    """The collectives one decoder layer with these projection roles inserts per forward, in order."""
+def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh, latent: bool = False) -> list[Collective]:
+    """The collectives one decoder layer with these projection roles inserts per forward, in order.
+    `latent`: an MLA layer, whose latent slots are split over the whole replica, so its combine runs
+    over the replica's tp*cp ranks (Helix's KV parallelism) rather than the cp group."""
     out: list[Collective] = []
     sp = mesh.ffn == "sp" and mesh.cp > 1
     world_tp = mesh.ffn == "world_tp" and mesh.dp > 1
     if sp and roles & set(_ATTENTION_INPUTS):
         out.append(Collective("all_gather", "cp", "the normed token chunks before q/k/v: attention needs every token of the replica"))
-    if has_attention and mesh.cp > 1:
+    group, n = ("replica", mesh.replica) if latent else ("cp", mesh.cp)
+    what = "latent o (R wide) and lse" if latent else "partial o and lse"
+    if has_attention and n > 1:
         if mesh.combine == "all_to_all":
-            out.append(Collective("all_to_all", "cp", "partial o and lse, 1/cp of the heads to each CP rank (Helix combine)"))
+            out.append(Collective("all_to_all", group, f"{what}, 1/{group} of the heads to each rank (Helix combine)"))
         elif mesh.combine == "ag_rs":
-            out.append(Collective("all_gather", "cp", "lse of every CP rank (DCP combine)"))
-            out.append(Collective("reduce_scatter", "cp", "the rescaled partial o, 1/cp of the heads to each CP rank"))
+            out.append(Collective("all_gather", group, f"lse of every {group} rank (DCP combine)"))
+            out.append(Collective("reduce_scatter", group, f"the rescaled {what.replace(' and lse', '')}, 1/{group} of the heads to each rank"))
         else:
-            out.append(Collective("all_gather", "cp", "partial o and lse of every CP rank (each keeps all its heads)"))
+            out.append(Collective("all_gather", group, f"{what} of every {group} rank (each merges all heads)"))
     if "o" in roles:
         out += _row("o", "o_proj", mesh, reshard=sp)
     if sp and "expert_down" in roles:
@@ -92,6 +96,15 @@ def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh) -> list[
         shared = " + the shared expert's" if "shared_down" in roles else ""
         out.append(Collective("all_reduce", expert.split("/")[-1], f"the routed experts' partial outputs{shared}, after the top-k combine"))
     return out
+
+
+def latent_layout(site, mesh: Mesh) -> str:
+    """Where an MLA layer's latent and heads live under `mesh` (absorb_latent.py), in one line."""
+    lat, n = site.latent, mesh.replica
+    held = site.dims["Hq"] // (mesh.tp if mesh.combine == "all_gather" else n)
+    return (f"latent slots over the replica's tp*cp={n} ranks ({lat.rank + lat.rope} values per token, 1/{n} of them here); "
+            f"every rank forms all {lat.heads} absorbed queries (mla_q, kv_b replicated) and attends its slots; after the "
+            f"combine it holds {held} heads, up-projects them through W_UV ({lat.rank} -> {lat.dv}) and feeds o_proj")
 
 
 def _row(role: str, name: str, mesh: Mesh, reshard: bool) -> list[Collective]:
@@ -156,7 +169,7 @@ class Explanation:
         out = {}
         for site in self.analysis.sites:
             roles = {p.role for p in self.analysis.roles.by_layer(site.index)}
-            out[site.index] = layer_collectives(roles, True, self.mesh)
+            out[site.index] = layer_collectives(roles, True, self.mesh, site.latent is not None)
         return out
 
     def forward_collectives(self) -> list[Collective]:
@@ -174,6 +187,8 @@ class Explanation:
         width = max((len(p.weight) for p in projections), default=10)
         for site in self.analysis.sites:
             lines.append(f"layer {site.index}: {site.describe()}")
+            if site.latent is not None:
+                lines.append(f"    layout: {latent_layout(site, m)}")
             for p in (p for p in projections if p.layer == site.index):
                 shape = f"[{p.out_features}, {p.in_features}]"
                 shape = f"[{p.experts} x {p.out_features}, {p.in_features}]" if p.experts else shape

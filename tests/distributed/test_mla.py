@@ -9,7 +9,10 @@ import math
 import pytest
 import torch
 
+import cpcompile
 from cpcompile._hf import output_cache
+from cpcompile.tiny import tiny_model
+from tests.test_explain import _decode_counts
 
 FP32_ATOL = 1e-4  # as tests/distributed/test_parallelize.py: logits O(10), another summation order
 NEAR_TIE = 1e-3
@@ -106,6 +109,9 @@ def test_mla_parallel_equals_single_device(request, arch, options, world):
     rs = LAYERS if combine == "ag_rs" and n > 1 else 0
     # per layer: o_proj's all-reduce + the FFN's (dense layer 0, MoE layer 1: one each); the embedding's once
     assert c == {"all_reduce": 2 * LAYERS + 1, "all_to_all": a2a, "all_gather": ag, "reduce_scatter": rs}
+    report = cpcompile.explain(tiny_model(arch), **{k: v for k, v in options.items() if k != "kv_interleave"})
+    assert _decode_counts(report) == c  # explain's reading of the plan is what the passes compiled
+    assert all(line.count("latent slots over the replica's tp*cp=") for line in str(report).splitlines() if "layout:" in line)
     if a2a:  # Helix's combine: B*H*(R + 1 lse) fp32 per layer per step, whatever the context
         assert results[0]["decode_bytes"]["all_to_all"] == LAYERS * rows * HEADS * (r + 1) * 4
 
