@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one command to run on a lent machine with one H100/H200: kernel tests on CUDA (the real
 # Triton kernels, no interpreter), the attention benchmark (filled-fraction table first, then
-# the S sweep), and the decode benchmark on CUDA. Under 8 minutes in all: every step has its
-# own `timeout` and is also cut to what is left of GPU_CHECK_BUDGET_S.
+# MLA decode, then the S sweep), the launch-parameter sweeps (GQA, MLA), and the decode
+# benchmark on CUDA. Under 8 minutes in all: every step has its own `timeout` and is also cut
+# to what is left of GPU_CHECK_BUDGET_S; the step limits add up to the budget.
 #
 #     benchmarks/gpu_check.sh                 # results in $OUT (default ./gpu_out)
 #     GPU_CHECK_BUDGET_S=300 benchmarks/gpu_check.sh
@@ -81,20 +82,26 @@ XDIST=()
 
 if ((HAS_CUDA)); then
     # --- 1. kernel tests on CUDA: kernel_testing.DEVICE is "cuda" when torch sees a GPU -----
-    run_step kernel_tests 150 "$PY" -m pytest tests/kernels -q -p no:cacheprovider "${XDIST[@]}" \
+    run_step kernel_tests 135 "$PY" -m pytest tests/kernels -q -p no:cacheprovider "${XDIST[@]}" \
         -rfE --durations=10 --junitxml="$OUT/kernel_tests.xml"
     # --- 2. attention benchmark: the filled table first, so a slow sweep cannot lose it -----
-    run_step bench_attention_filled 45 "$PY" benchmarks/bench_attention.py --device cuda --table filled \
+    run_step bench_attention_filled 40 "$PY" benchmarks/bench_attention.py --device cuda --table filled \
         --json "$OUT/bench_attention_filled.json"
-    run_step bench_attention_shapes 75 "$PY" benchmarks/bench_attention.py --device cuda --table shapes \
+    # MLA decode (Hq=128, Hkv=1, Dk=576, Dv=512, v a view of k, S=32K, B 1/8/32)
+    run_step bench_attention_mla 30 "$PY" benchmarks/bench_attention.py --device cuda --table mla \
+        --warmup 5 --iters 20 --json "$OUT/bench_attention_mla.json"
+    run_step bench_attention_shapes 60 "$PY" benchmarks/bench_attention.py --device cuda --table shapes \
         --warmup 5 --iters 20 --json "$OUT/bench_attention_shapes.json"
-    # --- 3. launch-parameter sweep: what the heuristic leaves on the table on this device --
-    run_step tune_attention 70 "$PY" benchmarks/tune_attention.py --json "$OUT/tune_attention.json"
+    # --- 3. launch-parameter sweeps: what the heuristic leaves on the table on this device --
+    run_step tune_attention 60 "$PY" benchmarks/tune_attention.py --sweep gqa --json "$OUT/tune_attention.json"
+    run_step tune_attention_mla 30 "$PY" benchmarks/tune_attention.py --sweep mla --warmup 3 --iters 10 \
+        --json "$OUT/tune_attention_mla.json"
     # --- 4. decode benchmark on CUDA (compile-dominated: fewer reps and steps) -------------
-    run_step bench_decode 120 "$PY" benchmarks/bench_decode.py --device cuda --reps 2 --steps 16 \
+    run_step bench_decode 110 "$PY" benchmarks/bench_decode.py --device cuda --reps 2 --steps 16 \
         --json "$OUT/bench_decode.json"
 else
-    for name in kernel_tests bench_attention_filled bench_attention_shapes tune_attention bench_decode; do
+    for name in kernel_tests bench_attention_filled bench_attention_mla bench_attention_shapes tune_attention \
+        tune_attention_mla bench_decode; do
         STEPS+=("$name|SKIPPED (no CUDA)|0")
     done
     FAILED=1
@@ -121,18 +128,24 @@ if filled:
         print(f"  filled {r['filled_fraction']:>5.0%} B={r['B']}: {r['ours_s'] * 1e3:.3f} ms, "
               f"{r['fraction_of_copy_bw']:.1%} of copy bw, {r['time_vs_all_slots']:.3f} x t(all S), "
               f"maxdiff vs prefix {r['max_abs_diff_vs_prefix']:.1e}")
+mla = load("bench_attention_mla.json")
+if mla:
+    for r in mla["mla_rows"]:
+        print(f"  MLA decode B={r['B']} S={r['S']}: {r['ours_s'] * 1e3:.3f} ms, {r['fraction_of_copy_bw']:.1%} of copy bw "
+              f"(KV bytes), separate V {r['separate_v_s'] * 1e3:.3f} ms, rel diff vs fp32 {r['max_rel_diff_vs_fp32']:.1e}")
 shapes = load("bench_attention_shapes.json")
 if shapes and "worst_fraction" in shapes.get("summary", {}):
     s = shapes["summary"]
     print(f"  S sweep: worst {s['worst_fraction']:.1%} of copy bw for S >= {s['target_min_S']} "
           f"(target {s['target_fraction']:.0%}: {'MET' if s['met'] else 'NOT MET'})")
-tune = load("tune_attention.json")
-if tune:
-    ok = sorted((r for r in tune["results"] if "worst_fraction" in r), key=lambda r: -r["worst_fraction"])
-    bad = [r["config"] for r in tune["results"] if "error" in r]
+for label, name, key in (("tune", "tune_attention.json", "results"), ("tune MLA", "tune_attention_mla.json", "mla_results")):
+    tune = load(name)
+    results = tune.get(key, []) if tune else []
+    ok = sorted((r for r in results if "worst_fraction" in r), key=lambda r: -r["worst_fraction"])
+    bad = [r["config"] for r in results if "error" in r]
     if ok:
-        print(f"  tune: best {ok[0]['config']} at worst {ok[0]['worst_fraction']:.1%} of copy bw; auto "
-              f"{tune['results'][0].get('worst_fraction', float('nan')):.1%}; failed configs: {bad or 'none'}")
+        print(f"  {label}: best {ok[0]['config']} at worst {ok[0]['worst_fraction']:.1%} of copy bw; auto "
+              f"{results[0].get('worst_fraction', float('nan')):.1%}; failed configs: {bad or 'none'}")
 decode = load("bench_decode.json")
 if decode:
     for name, c in decode["contenders"].items():

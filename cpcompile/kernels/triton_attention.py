@@ -134,8 +134,10 @@ def attention_split_kernel(
     blocks_per_split,  # KV blocks of BLOCK_N slots per split (of all S slots; unused if HAS_FILLED)
     BLOCK_M: tl.constexpr,  # query rows per program (row = g * Lq + t), pow2 >= 16
     BLOCK_N: tl.constexpr,  # KV slots per block
-    BLOCK_DK: tl.constexpr,  # Dk padded to pow2 >= 16
+    BLOCK_DK: tl.constexpr,  # main part of Dk: the largest pow2 <= Dk (16 if Dk < 16)
+    BLOCK_DT: tl.constexpr,  # tail of Dk past BLOCK_DK, padded to pow2 >= 16; 0 = no tail (Dk a pow2 or <= 16)
     BLOCK_DV: tl.constexpr,  # Dv padded to pow2 >= 16
+    V_FROM_K: tl.constexpr,  # v is k's first Dv columns (same storage and strides) and BLOCK_DV == BLOCK_DK
     MASK_KIND: tl.constexpr,  # 0 none, 1 bool, 2 additive
     HAS_FILLED: tl.constexpr,  # filled_ptr is given: only the first filled[b] slots are live
     SOFTCAP: tl.constexpr,  # softcap > 0
@@ -154,6 +156,12 @@ def attention_split_kernel(
     A split that starts past the prefix runs no iteration and writes the empty state
     (m = -inf, l = 0, acc = 0), which the split merge weighs 0; with one split that is
     o = 0, lse = -inf, as for any row with nothing visible.
+
+    Dk that is not a power of two is not padded to the next one: it is a main part of
+    BLOCK_DK columns and a tail of BLOCK_DT (MLA: 576 = 512 latent + 64 rope), two tl.dot
+    into the same logits tile, as FlashMLA splits its nope and rope parts. With V_FROM_K
+    (MLA's joint latent cache, v = kv[..., :Dv]) the main K tile, transposed, is the V tile:
+    each slot is loaded once for both products.
     """
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
@@ -165,12 +173,13 @@ def attention_split_kernel(
     row_ok = rows < G * Lq
     t = rows % Lq  # query token
     h = hkv * G + rows // Lq  # query head
-    dk = tl.arange(0, BLOCK_DK)
+    dk = tl.arange(0, BLOCK_DK)  # K columns of the main part
     dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(  # [M, DK]
-        q_ptr + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt + dk[None, :] * stride_qd,
-        mask=row_ok[:, None] & (dk[None, :] < Dk), other=0.0,
-    )
+    q_rows = q_ptr + b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qt  # [M, 1]
+    q = tl.load(q_rows + dk[None, :] * stride_qd, mask=row_ok[:, None] & (dk[None, :] < Dk), other=0.0)  # [M, DK]
+    if BLOCK_DT > 0:
+        dt = BLOCK_DK + tl.arange(0, BLOCK_DT)  # K columns of the tail: [BLOCK_DK, Dk)
+        q_tail = tl.load(q_rows + dt[None, :] * stride_qd, mask=row_ok[:, None] & (dt[None, :] < Dk), other=0.0)  # [M, DT]
     pq = tl.load(pos_q_ptr + b * stride_pqb + t * stride_pqt, mask=row_ok, other=-1)  # [M]; -1 sees nothing
 
     m_i = tl.full([BLOCK_M], NEG_INF, tl.float32)
@@ -192,17 +201,22 @@ def attention_split_kernel(
     for start in range(n_start, n_end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)  # [N]
         col_ok = cols < n_end
-        kt = tl.load(  # [DK, N]
-            k_base + cols[None, :] * stride_ks + dk[:, None] * stride_kd,
-            mask=col_ok[None, :] & (dk[:, None] < Dk), other=0.0,
-        )
-        v = tl.load(  # [N, DV]
-            v_base + cols[:, None] * stride_vs + dv[None, :] * stride_vd,
-            mask=col_ok[:, None] & (dv[None, :] < Dv), other=0.0,
-        )
+        k_cols = k_base + cols[None, :] * stride_ks  # [1, N]
+        kt = tl.load(k_cols + dk[:, None] * stride_kd, mask=col_ok[None, :] & (dk[:, None] < Dk), other=0.0)  # [DK, N]
+        if V_FROM_K:  # v's bytes are kt's first Dv rows; rows >= Dv reach only acc columns never stored
+            v = tl.trans(kt)  # [N, DV]
+        else:
+            v = tl.load(  # [N, DV]
+                v_base + cols[:, None] * stride_vs + dv[None, :] * stride_vd,
+                mask=col_ok[:, None] & (dv[None, :] < Dv), other=0.0,
+            )
         pk = tl.load(pos_kv_ptr + b * stride_pkb + cols * stride_pks, mask=col_ok, other=-1)  # [N]
 
-        s = mma(q, kt, DOT_PRECISION, UPCAST) * scale  # [M, N] natural-log units
+        s = mma(q, kt, DOT_PRECISION, UPCAST)  # [M, N]
+        if BLOCK_DT > 0:
+            kt_tail = tl.load(k_cols + dt[:, None] * stride_kd, mask=col_ok[None, :] & (dt[:, None] < Dk), other=0.0)  # [DT, N]
+            s += mma(q_tail, kt_tail, DOT_PRECISION, UPCAST)
+        s = s * scale  # natural-log units
         if SOFTCAP:
             s = softcap * tanh(s / softcap)
         visible = (pk[None, :] >= 0) & (pk[None, :] <= pq[:, None])

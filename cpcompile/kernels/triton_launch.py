@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -52,12 +53,73 @@ MIN_BLOCKS_PER_SPLIT = 2
 MAX_SPLITS = 256
 
 
-def choose_num_splits(num_blocks: int, programs_per_split: int, sms: int) -> int:
+# Each split writes, and the merge reads back, an fp32 state (acc [Dv], m, l) per query row.
+# With GQA at D=128 that is ~1/500 of the KV a split reads; with MLA decode (128 query heads on
+# one 576-wide KV head) one split's states weigh as much as ~460 KV slots, so the split count
+# is also capped to keep the states under STATE_TRAFFIC of the KV bytes.
+STATE_TRAFFIC = 0.25
+
+
+def choose_num_splits(num_blocks: int, programs_per_split: int, sms: int, max_splits: int = MAX_SPLITS) -> int:
     """Number of KV splits for ``num_blocks`` KV blocks when each split launches
-    ``programs_per_split`` programs (B * Hkv * M-tiles) on a device with ``sms`` SMs."""
+    ``programs_per_split`` programs (B * Hkv * M-tiles) on a device with ``sms`` SMs;
+    ``max_splits``: the cap from the split states' traffic (``state_split_cap``)."""
     want = math.ceil(WAVES * sms / max(programs_per_split, 1))
     most = max(num_blocks // MIN_BLOCKS_PER_SPLIT, 1)
-    return max(1, min(want, most, MAX_SPLITS))
+    return max(1, min(want, most, MAX_SPLITS, max_splits))
+
+
+def state_split_cap(kv_bytes: int, rows: int, Dv: int) -> int:
+    """Most splits whose fp32 states (``rows`` query rows of acc [Dv] + m + l, written and
+    read back) stay within STATE_TRAFFIC of the ``kv_bytes`` the call reads."""
+    state_bytes = rows * (Dv + 2) * 4 * 2
+    return max(1, int(STATE_TRAFFIC * kv_bytes / max(state_bytes, 1)))
+
+
+def split_head_dim(Dk: int) -> tuple[int, int]:
+    """K head dim -> (main, tail) tile widths: main is the largest power of two <= Dk (16 at
+    least), tail the rest padded to a power of two >= 16 (0 if none). 576 -> (512, 64),
+    192 -> (128, 64), 24 -> (16, 16), 128 -> (128, 0). Never wider than the next power of two."""
+    main = max(16, 1 << max(Dk.bit_length() - 1, 0))
+    return main, (_pow2(Dk - main) if Dk > main else 0)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tiles and launch options of ``attention_split_kernel`` for one shape."""
+
+    block_m: int  # query rows (group head, token) per program
+    block_n: int  # KV slots per block
+    block_dk: int  # main part of Dk (split_head_dim)
+    block_dt: int  # Dk's tail past block_dk, padded; 0 = none
+    block_dv: int  # Dv padded to a power of two >= 16
+    num_warps: int
+    num_stages: int
+
+
+def choose_blocks(Dk: int, Dv: int, rows: int, interpreted: bool) -> Blocks:
+    """Tiles for ``rows`` query rows (G * Lq) of head dims Dk, Dv.
+
+    GPU, head widths <= 256: 16-64 query rows x 64 slots (32 above 128 columns), 4 warps,
+    3 stages. Wider (MLA's 576/512): 64 rows x 32 slots, 8 warps, 2 stages -- the fp32
+    accumulator [64, 512] is 128 registers per thread over 8 warps (256 over 4: spills), and
+    Q (72 KiB) plus two stages of K (32 x 576 bf16, 36 KiB each) is 144 KiB of shared memory,
+    208 KiB when V is loaded separately: under Hopper's 227 KiB per block (docs/kernels.md
+    has the compiled figures).
+    """
+    block_dk, block_dt = split_head_dim(Dk)
+    block_dv = _pow2(Dv)
+    width = max(block_dk + block_dt, block_dv)
+    if interpreted:  # the interpreter's cost is per op, not per element: big tiles
+        return Blocks(min(_pow2(rows), 128), 128, block_dk, block_dt, block_dv, 4, 1)
+    if width <= 256:
+        return Blocks(min(_pow2(rows), 64), 64 if width <= 128 else 32, block_dk, block_dt, block_dv, 4, 3)
+    return Blocks(min(_pow2(rows), 64), 32, block_dk, block_dt, block_dv, 8, 2)
+
+
+def v_is_k_prefix(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """v holds k's first Dv columns (MLA's joint latent cache: k = kv, v = kv[..., :Dv])."""
+    return v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and v.shape[3] <= k.shape[3]
 
 
 def attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None, filled=None,
@@ -82,15 +144,16 @@ def attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mas
         return o.zero_(), lse.fill_(float("-inf"))
 
     rows = G * Lq  # (query head of the group, query token) pairs: the M dimension
-    BLOCK_DK, BLOCK_DV = _pow2(Dk), _pow2(Dv)
-    if _interpreted():  # the interpreter's cost is per op, not per element: big tiles
-        BLOCK_M, BLOCK_N = block_m or min(_pow2(rows), 128), block_n or 128
-    else:  # GPU: 16-64 query rows x 64 slots (32 for head dims > 128) keeps registers in check
-        BLOCK_M = block_m or min(_pow2(rows), 64)
-        BLOCK_N = block_n or (64 if max(BLOCK_DK, BLOCK_DV) <= 128 else 32)
+    blocks = choose_blocks(Dk, Dv, rows, _interpreted())
+    BLOCK_M, BLOCK_N = block_m or blocks.block_m, block_n or blocks.block_n
+    # MLA's joint cache: V is read as the main K tile's first Dv columns, not loaded again.
+    v_aliases_k = v_is_k_prefix(k, v)
+    v_from_k = v_aliases_k and blocks.block_dv == blocks.block_dk
     m_tiles = math.ceil(rows / BLOCK_M)
     num_blocks = math.ceil(S / BLOCK_N)
-    splits = num_splits or choose_num_splits(num_blocks, B * Hkv * m_tiles, num_sms(q.device))
+    kv_bytes = B * Hkv * S * (Dk if v_aliases_k else Dk + Dv) * k.element_size()
+    splits = num_splits or choose_num_splits(num_blocks, B * Hkv * m_tiles, num_sms(q.device),
+                                             state_split_cap(kv_bytes, B * Hq * Lq, Dv))
     blocks_per_split = math.ceil(num_blocks / min(splits, num_blocks))
     splits = math.ceil(num_blocks / blocks_per_split)  # no empty splits
 
@@ -114,12 +177,13 @@ def attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mas
         *q.stride(), *k.stride(), *v.stride(), *pos_q.stride(), *pos_kv.stride(), *m_strides,
         f_stride, *o_part.stride(), *lse_part.stride(),
         Hkv, Lq, S, Dk, Dv, G, float(scale), float(softcap), int(window), blocks_per_split,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DK=BLOCK_DK, BLOCK_DV=BLOCK_DV,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_DK=blocks.block_dk, BLOCK_DT=blocks.block_dt,
+        BLOCK_DV=blocks.block_dv, V_FROM_K=v_from_k,
         MASK_KIND=mask_kind, HAS_FILLED=filled is not None, SOFTCAP=softcap > 0,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=_interpreted() and q.dtype == torch.bfloat16,
         WRITE_STATE=splits > 1,
-        num_warps=num_warps or 4, num_stages=num_stages or (1 if _interpreted() else 3),
+        num_warps=num_warps or blocks.num_warps, num_stages=num_stages or blocks.num_stages,
     )
     if splits > 1:
         _merge_into(o_part, lse_part, o, lse, l=l_part)

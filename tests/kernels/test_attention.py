@@ -2,6 +2,7 @@
 
 import functools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -359,6 +360,98 @@ def test_filled_changes_do_not_recompile():
         o, lse = f(c.q, c.k, c.v, c.pos_q, c.pos_kv, c.filled)
         assert_attention_close((o, lse), attention_with_lse_ref(*c.args()), torch.float32, f"compiled {filled}")
     assert counter.frame_count == 1
+
+
+# --- MLA: 128 query heads on one KV head, Dk = main + tail, v a view of k ----------------
+# DeepSeek's absorbed attention reads one joint latent cache kv [B, 1, S, 512 + 64]: k = kv,
+# v = kv[..., :512]. The kernel splits Dk into a power-of-two main part and a tail (two dots
+# into one logits tile) and, when v is k's prefix and fits the main tile, uses that tile as V.
+# Small dims keep the interpreter fast: Dk = 16 + 8 (tail; V from K's tile, BLOCK_DV ==
+# BLOCK_DK == 16) and Dk = 32 + 8 (tail; v aliases k but BLOCK_DV 16 != 32: loaded again).
+
+
+def mla_case(Dk, Dv, G, Lq, S, dtype, filled, seed=0):
+    c = make_case(B=2, Hkv=1, G=G, Lq=Lq, S=S, Dk=Dk, Dv=Dv, dtype=dtype, seed=seed)  # Lq > 1: causal chunk
+    c.v = c.k[..., :Dv]  # the joint cache: same storage and strides as k
+    c.filled = torch.tensor(filled, device=DEVICE)
+    return c
+
+
+@pytest.mark.parametrize("Dk,Dv,G,Lq,dtype", [
+    (24, 16, 8, 1, torch.float32),
+    (24, 16, 16, 3, torch.bfloat16),
+    (40, 16, 16, 1, torch.bfloat16),
+    (40, 16, 8, 5, torch.float32),
+])
+def test_mla_small_dims(Dk, Dv, G, Lq, dtype):
+    case = mla_case(Dk, Dv, G, Lq, S=70, dtype=dtype, filled=[61, 23], seed=Dk + Lq)
+    ref = attention_with_lse_ref(*case.args())
+    assert_attention_close(attention_with_lse_torch(*case.args()), ref, dtype, "torch")
+    for splits in (1, 3):  # 16-slot blocks: 5 live blocks in row 0, 2 in row 1 (one split left empty)
+        out = triton_launch.attention_with_lse(*case.args(), num_splits=splits, block_n=16, block_m=16)
+        assert_attention_close(out, ref, dtype, f"triton splits={splits}")
+
+
+@pytest.mark.parametrize("Lq,dtype", [(1, torch.bfloat16), (3, torch.float32)])
+def test_mla_real_dims_tiny_cache(Lq, dtype):
+    # Dk = 576 = 512 + 64 (the tail path at its real width), Dv = 512 from K's tile; S = 40.
+    case = mla_case(576, 512, G=4, Lq=Lq, S=40, dtype=dtype, filled=[40, 29])
+    ref = attention_with_lse_ref(*case.args())
+    for splits in (1, 2):
+        out = triton_launch.attention_with_lse(*case.args(), num_splits=splits, block_n=16)
+        assert_attention_close(out, ref, dtype, f"triton splits={splits}")
+
+
+def test_mla_split_head_dim_and_blocks():
+    # Never wider than the next power of two; tail 0 for powers of two and Dk <= 16.
+    assert [triton_launch.split_head_dim(d) for d in (576, 192, 40, 24, 17, 128, 16, 8)] == [
+        (512, 64), (128, 64), (32, 16), (16, 16), (16, 16), (128, 0), (16, 0), (16, 0)]
+    Blocks = triton_launch.Blocks
+    # GPU tiles: MLA decode (128 rows), then the generic shapes as before the tail existed.
+    assert triton_launch.choose_blocks(576, 512, 128, interpreted=False) == Blocks(64, 32, 512, 64, 512, 8, 2)
+    assert triton_launch.choose_blocks(128, 128, 4, interpreted=False) == Blocks(16, 64, 128, 0, 128, 4, 3)
+    assert triton_launch.choose_blocks(256, 256, 64, interpreted=False) == Blocks(64, 32, 256, 0, 256, 4, 3)
+    assert triton_launch.choose_blocks(192, 128, 16, interpreted=False) == Blocks(16, 32, 128, 64, 128, 4, 3)
+
+
+class _RecordLaunch:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records (grid, kwargs)."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, kwargs))
+
+
+def test_mla_v_from_k_is_chosen_at_launch(monkeypatch):
+    kernel = _RecordLaunch()
+    monkeypatch.setattr(triton_launch, "_tk", SimpleNamespace(attention_split_kernel=kernel))
+    monkeypatch.setattr(triton_launch, "_interpreted", lambda: False)  # the GPU's tiles
+    kv = torch.zeros(2, 1, 64, 576, dtype=torch.bfloat16, device=DEVICE)
+    q = torch.zeros(2, 128, 1, 576, dtype=torch.bfloat16, device=DEVICE)
+    pos_q, pos_kv = torch.full((2, 1), 64, device=DEVICE), torch.arange(64, device=DEVICE).expand(2, 64)
+    for v, from_k in [(kv[..., :512], True), (kv[..., :512].clone(), False), (kv[..., 64:], False)]:
+        assert triton_launch.v_is_k_prefix(kv, v) == from_k
+        triton_launch.attention_with_lse(q, kv, v, pos_q, pos_kv, 0.1, num_splits=1)
+        grid, kw = kernel.launches.pop()
+        assert grid == (2, 1, 2)  # (B * Hkv, splits, 128 rows / 64)
+        assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_DK"], kw["BLOCK_DT"], kw["BLOCK_DV"]) == (64, 32, 512, 64, 512)
+        assert (kw["num_warps"], kw["num_stages"], kw["V_FROM_K"]) == (8, 2, from_k)
+
+
+def test_mla_split_count_bounds_state_traffic():
+    # MLA decode, B=1, S=32K on 132 SMs: 2 programs per split would ask for 256 splits, whose
+    # fp32 states (128 rows x 514 floats, written and read) would be 3.6x the 37.7 MB of KV.
+    kv_bytes, rows, Dv = 32768 * 576 * 2, 128, 512
+    cap = triton_launch.state_split_cap(kv_bytes, rows, Dv)
+    splits = triton_launch.choose_num_splits(32768 // 32, 2, 132, cap)
+    assert splits == 17 and splits * rows * (Dv + 2) * 8 <= 0.25 * kv_bytes
+    # GQA decode at D=128 (the shapes of the heuristic test below): the cap never binds.
+    for B, Hq, S in [(1, 32, 4096), (1, 64, 131072), (8, 32, 32768), (32, 64, 131072)]:
+        cap = triton_launch.state_split_cap(B * 8 * S * 256 * 2, B * Hq, 128)
+        blocks = S // 64
+        assert triton_launch.choose_num_splits(blocks, B * 8, 132, cap) == triton_launch.choose_num_splits(blocks, B * 8, 132)
 
 
 # --- launcher details -------------------------------------------------------------------

@@ -4,7 +4,8 @@ The CPU suite runs the kernels under the interpreter, which never applies the co
 rules: until this test, a module-level ``NEG_INF: tl.constexpr = ...`` passed every
 interpreted test and would have failed every launch on a GPU. ``compile_for_gpu.py`` runs
 Triton's whole compiler (and ptxas) for sm_90 on the launcher's own arguments, in a process
-without TRITON_INTERPRET.
+without TRITON_INTERPRET, and fails a kernel whose shared memory exceeds Hopper's 227 KiB per
+block (the MLA tiles at Dk=576/Dv=512 are the ones near it).
 """
 
 import os
@@ -28,6 +29,9 @@ def test_kernels_compile_for_sm90(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     ok_lines = [line for line in proc.stdout.splitlines() if line.startswith("ok ")]
-    # 7 attention cases; merge_states: the split merges (HAS_L) of three of them and 2 cases of its own
-    assert sum("attention_split_kernel" in line for line in ok_lines) == 7, out
-    assert sum("merge_states_kernel" in line for line in ok_lines) == 5, out
+    # 10 attention cases (3 of them MLA: Dk=576 as 512 + 64, Dv=512, 128 heads on one KV head);
+    # merge_states: the split merges (HAS_L) of five of them and 2 cases of its own
+    assert sum("attention_split_kernel" in line for line in ok_lines) == 10, out
+    assert sum("merge_states_kernel" in line for line in ok_lines) == 7, out
+    mla = [line for line in ok_lines if "attention_split_kernel" in line and "MLA" in line]
+    assert len(mla) == 3 and all("'num_warps': 8, 'num_stages': 2" in line for line in mla), out
