@@ -62,7 +62,7 @@ def token_layout(mesh: Mesh) -> str:
     return f"{rows}ffn='{mesh.ffn}'{same}: every rank of a replica holds all its tokens; FFN tensor-parallel over the replica's tp*cp={mesh.replica} ranks"
 
 
-def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh, latent: bool = False) -> list[Collective]:
+def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh, latent: bool = False, mla_uv: str = "after") -> list[Collective]:
     """The collectives one decoder layer with these projection roles inserts per forward, in order.
     `latent`: an MLA layer, whose latent slots are split over the whole replica, so its combine runs
     over the replica's tp*cp ranks (Helix's KV parallelism) rather than the cp group."""
@@ -72,7 +72,8 @@ def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh, latent: 
     if sp and roles & set(_ATTENTION_INPUTS):
         out.append(Collective("all_gather", "cp", "the normed token chunks before q/k/v: attention needs every token of the replica"))
     group, n = ("replica", mesh.replica) if latent else ("cp", mesh.cp)
-    what = "latent o (R wide) and lse" if latent else "partial o and lse"
+    what = ("partial o and lse" if not latent else "latent o (kv_lora_rank wide) and lse" if mla_uv == "after"
+            else "o up-projected by W_UV (v_head_dim wide) and lse")
     if has_attention and n > 1:
         if mesh.combine == "all_to_all":
             out.append(Collective("all_to_all", group, f"{what}, 1/{group} of the heads to each rank (Helix combine)"))
@@ -98,13 +99,14 @@ def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh, latent: 
     return out
 
 
-def latent_layout(site, mesh: Mesh) -> str:
+def latent_layout(site, mesh: Mesh, mla_uv: str = "after") -> str:
     """Where an MLA layer's latent and heads live under `mesh` (absorb_latent.py), in one line."""
     lat, n = site.latent, mesh.replica
     held = site.dims["Hq"] // (mesh.tp if mesh.combine == "all_gather" else n)
+    uv = (f"after the combine it holds {held} heads, up-projects them through W_UV ({lat.rank} -> {lat.dv})" if mla_uv == "after"
+          or n == 1 else f"it up-projects all {lat.heads} heads through W_UV ({lat.rank} -> {lat.dv}) before the combine, then holds {held}")
     return (f"latent slots over the replica's tp*cp={n} ranks ({lat.rank + lat.rope} values per token, 1/{n} of them here); "
-            f"every rank forms all {lat.heads} absorbed queries (mla_q, kv_b replicated) and attends its slots; after the "
-            f"combine it holds {held} heads, up-projects them through W_UV ({lat.rank} -> {lat.dv}) and feeds o_proj")
+            f"every rank forms all {lat.heads} absorbed queries (mla_q, kv_b replicated) and attends its slots; {uv} and feeds o_proj")
 
 
 def _row(role: str, name: str, mesh: Mesh, reshard: bool) -> list[Collective]:
@@ -159,6 +161,7 @@ class Explanation:
     valid: list[tuple[int, int]]
     error: str = ""
     """The MeshError message `parallelize` would raise for this mesh ('' when it fits)."""
+    mla_uv: str = "after"
 
     @property
     def ok(self) -> bool:
@@ -169,7 +172,7 @@ class Explanation:
         out = {}
         for site in self.analysis.sites:
             roles = {p.role for p in self.analysis.roles.by_layer(site.index)}
-            out[site.index] = layer_collectives(roles, True, self.mesh, site.latent is not None)
+            out[site.index] = layer_collectives(roles, True, self.mesh, site.latent is not None, self.mla_uv)
         return out
 
     def forward_collectives(self) -> list[Collective]:
@@ -188,7 +191,7 @@ class Explanation:
         for site in self.analysis.sites:
             lines.append(f"layer {site.index}: {site.describe()}")
             if site.latent is not None:
-                lines.append(f"    layout: {latent_layout(site, m)}")
+                lines.append(f"    layout: {latent_layout(site, m, self.mla_uv)}")
             for p in (p for p in projections if p.layer == site.index):
                 shape = f"[{p.out_features}, {p.in_features}]"
                 shape = f"[{p.experts} x {p.out_features}, {p.in_features}]" if p.experts else shape
@@ -233,6 +236,7 @@ def explain(
     kv_interleave: int = 1,
     vocab: str = "parallel",
     moe: str = "tp",
+    mla_uv: str = "after",
 ) -> Explanation:
     from cpcompile.loading import meta_parameters
     from cpcompile.parallelize import _meta_copy, capture
@@ -257,4 +261,4 @@ def explain(
         analysis.roles, analysis.sites, max(16, mesh.world), combine if combine in COMBINES else "all_to_all",
         max(dp, 1), ffn if ffn in FFNS else "tp", moe if moe in ("tp", "ep") else "tp",
     )
-    return Explanation(type(model).__name__, mesh, kv_interleave, analysis, problems, valid, error)
+    return Explanation(type(model).__name__, mesh, kv_interleave, analysis, problems, valid, error, mla_uv)

@@ -12,6 +12,7 @@ FFNS = ("tp", "sp", "world_tp")
 DP_INPUTS = ("global", "local")
 VOCABS = ("parallel", "replicate")
 MOES = ("tp", "ep")
+MLA_UVS = ("after", "before")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class Options:
     moe: str = "tp"
     """MoE experts: 'tp' (each expert's intermediate dim split over the FFN group) or 'ep' (E/n whole
     experts per rank of the FFN group); either way one all-reduce after the routed combine."""
+    mla_uv: str = "after"
+    """MLA: where W_UV (the latent -> value up-projection) runs relative to the combine: 'after' (on this
+    rank's Hq/(tp*cp) heads; the exchange carries kv_lora_rank values per head) or 'before' (on all heads;
+    the exchange carries v_head_dim values per head). docs/mla.md weighs the two."""
     kv_interleave: int = 1
     """Runs of this many consecutive tokens go to the same CP rank (DESIGN.md section 2)."""
     lowering: str = "inductor"
@@ -65,6 +70,8 @@ class Options:
             raise ValueError(f"cpcompile: vocab={self.vocab!r}; expected one of {VOCABS}")
         if self.moe not in MOES:
             raise ValueError(f"cpcompile: moe={self.moe!r}; expected one of {MOES}")
+        if self.mla_uv not in MLA_UVS:
+            raise ValueError(f"cpcompile: mla_uv={self.mla_uv!r}; expected one of {MLA_UVS}")
         if self.dp_inputs not in DP_INPUTS:
             raise ValueError(f"cpcompile: dp_inputs={self.dp_inputs!r}; expected one of {DP_INPUTS}")
         if self.lowering not in LOWERINGS:

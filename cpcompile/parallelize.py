@@ -150,6 +150,7 @@ def parallelize(
     kv_interleave: int = 1,
     vocab: str = "parallel",
     moe: str = "tp",
+    mla_uv: str = "after",
     max_length: int = DEFAULT_MAX_LENGTH,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     max_batch: int = DEFAULT_MAX_BATCH,
@@ -164,7 +165,8 @@ def parallelize(
     Runs on `dp * tp * cp` ranks (DESIGN.md section 1). `ffn` places the FFN ('tp', 'sp',
     'world_tp'; section 3); `vocab` splits the token embedding and the LM head over the replica's
     ranks ('parallel', the default) or keeps them whole ('replicate'); `moe` splits MoE experts
-    ('tp': every expert's intermediate dim over the FFN group; 'ep': whole experts); `dp_inputs` says whether every rank passes the same batch ('global':
+    ('tp': every expert's intermediate dim over the FFN group; 'ep': whole experts); `mla_uv` places MLA's W_UV
+    after the combine ('after', default) or before it ('before'; docs/mla.md); `dp_inputs` says whether every rank passes the same batch ('global':
     rows are split over the dp replicas and every rank gets the whole batch back) or each
     replica its own requests ('local'). `max_length` is the most tokens (prompt + generated)
     one sequence may reach; the KV cache is preallocated for it. Prompts run in chunks of at most `prefill_chunk` tokens and
@@ -186,7 +188,7 @@ def parallelize(
         raise ValueError("parallelize: this model is already parallelized by cpcompile")
     options = Options.from_dict(
         dict(tp=tp, cp=cp, dp=dp, combine=combine, ffn=ffn, dp_inputs=dp_inputs, kv_interleave=kv_interleave,
-             vocab=vocab, moe=moe, lowering=lowering, debug_dir=debug_dir)
+             vocab=vocab, moe=moe, mla_uv=mla_uv, lowering=lowering, debug_dir=debug_dir)
     )  # validates; debug_dir falls back to env CPCOMPILE_DEBUG_DIR
     if max_length < 1:
         raise ValueError(f"parallelize: max_length={max_length}; expected a positive number of tokens")
@@ -309,7 +311,7 @@ def _verify_twin(model, analysis: Analysis, options: Options, max_length: int, p
     twin = verification.twin_model(model.config, o.dp * o.tp * o.cp).to(device)
     try:
         twin = parallelize(twin, tp=o.tp, cp=o.cp, dp=o.dp, combine=o.combine, ffn=o.ffn, dp_inputs=o.dp_inputs,
-                           kv_interleave=o.kv_interleave, vocab=o.vocab, moe=o.moe, max_length=max_length, prefill_chunk=prefill_chunk,
+                           kv_interleave=o.kv_interleave, vocab=o.vocab, moe=o.moe, mla_uv=o.mla_uv, max_length=max_length, prefill_chunk=prefill_chunk,
                            max_batch=max_batch, lowering=o.lowering, verify=True)
         differs = verification.same_plan(analysis, twin._cpcompile.analysis)
         if differs:
@@ -376,7 +378,7 @@ def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=
             if pname:
                 _stand_in(model, params[pname], device)
     names = {k: groups.name(k) for k in ("cp", "tp", "replica", "dp", "world")}
-    return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave), shards, local), groups
+    return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave, options.mla_uv), shards, local), groups
 
 
 def _stand_in(model, full: torch.nn.Parameter, device) -> None:

@@ -36,7 +36,6 @@ from torch import fx
 
 from cpcompile.options import Options
 from cpcompile.passes._fx import descendants, is_op, op_count
-from cpcompile.passes.absorb_latent import find_latent
 from cpcompile.passes.find_attention import AttentionSite, find_attention_sites
 from cpcompile.passes.find_projections import Roles, find_projections
 from cpcompile.passes.normalize_linears import normalize_linears, unrecognised_products
@@ -71,8 +70,6 @@ def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | No
     before analysis; it keeps the model's results)."""
     normalize_linears(gm, names)
     sites = find_attention_sites(gm)
-    for s in sites:
-        s.latent = find_latent(s)
     roles = find_projections(gm, sites, names)
     placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab, options.moe))
     return Analysis(sites, roles, placements, _notes(gm, sites, roles, names))

@@ -85,9 +85,12 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             site = _eager_site(node, len(sites))
             if site is not None:
                 sites.append(site)
+    from cpcompile.passes.absorb_latent import find_latent  # it builds on this module's types
+
     for site in sites:
         _attach_cache(site)
         _check_site(site)
+        site.latent = find_latent(site)
     return sites
 
 

@@ -64,6 +64,7 @@ class AttentionParallel:
     combine: str
     group_names: dict  # "cp" / "tp" / "replica" -> functional-collective group name
     kv_interleave: int = 1
+    mla_uv: str = "after"  # MLA: W_UV after the combine (this rank's heads) or before it (all heads, Dv-wide exchange)
 
 
 def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: AttentionParallel | None = None) -> RewriteResult:
@@ -124,12 +125,15 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
                 (q, k, v, pos_q, pos_kv, site.scale, site.softcap, 0, mask, filled),
             )
             o = insert_call(g, operator.getitem, (out, 0))
+            uv_before = lat is not None and not expanded and par is not None and par.mla_uv == "before"
+            if uv_before:  # every head through W_UV here: the exchange below carries Dv, not R, per head
+                o = up_project(g, lat, o, (0, d["Hq"]))
             if par is not None:
                 lse = insert_call(g, operator.getitem, (out, 1))
                 o = _combine(g, o, lse, par.combine, n_slots, par.group_names["replica" if lat is not None else "cp"])
                 if lat is not None and shape(o)[1] == d["Hq"] and heads["out"] != (0, d["Hq"]):
                     o = insert_call(g, operator.getitem, (o, (_ALL, slice(*heads["out"]))))  # all_gather: every head merged
-            if lat is not None and not expanded:
+            if lat is not None and not expanded and not uv_before:
                 o = up_project(g, lat, o, heads["out"])  # W_UV for the heads this rank holds, after the exchange
             if par is not None:
                 h0, h1 = heads["out"]

@@ -72,12 +72,14 @@ def check_equivalent(results, prompt_len):
 
 # tiny configs (cpcompile.tiny): 2 layers, H = 4 heads; latent R + rope Dr per token
 LATENT = {"deepseek_v3": (16, 8), "deepseek_v2": (24, 8)}
+V_HEAD = {"deepseek_v3": 12, "deepseek_v2": 16}
 LAYERS, HEADS = 2, 4
 
 CASES = [  # (arch, options, world)
     ("deepseek_v3", dict(cp=2), 2),
     ("deepseek_v2", dict(tp=2), 2),
     ("deepseek_v3", dict(tp=2, cp=2, kv_interleave=2), 4),
+    ("deepseek_v3", dict(tp=2, cp=2, mla_uv="before"), 4),
     ("deepseek_v3", dict(cp=4, combine="ag_rs"), 4),
     ("deepseek_v3", dict(tp=4, combine="all_gather"), 4),
     ("deepseek_v2", dict(tp=2, cp=2, ffn="sp"), 4),
@@ -109,11 +111,12 @@ def test_mla_parallel_equals_single_device(request, arch, options, world):
     rs = LAYERS if combine == "ag_rs" and n > 1 else 0
     # per layer: o_proj's all-reduce + the FFN's (dense layer 0, MoE layer 1: one each); the embedding's once
     assert c == {"all_reduce": 2 * LAYERS + 1, "all_to_all": a2a, "all_gather": ag, "reduce_scatter": rs}
-    report = cpcompile.explain(tiny_model(arch), **{k: v for k, v in options.items() if k != "kv_interleave"})
+    report = cpcompile.explain(tiny_model(arch), **options)
     assert _decode_counts(report) == c  # explain's reading of the plan is what the passes compiled
     assert all(line.count("latent slots over the replica's tp*cp=") for line in str(report).splitlines() if "layout:" in line)
-    if a2a:  # Helix's combine: B*H*(R + 1 lse) fp32 per layer per step, whatever the context
-        assert results[0]["decode_bytes"]["all_to_all"] == LAYERS * rows * HEADS * (r + 1) * 4
+    if a2a:  # Helix's combine: B*H*(R + 1 lse) fp32 per layer per step (Dv + 1 with W_UV before it), whatever the context
+        width = V_HEAD[arch] if options.get("mla_uv") == "before" else r
+        assert results[0]["decode_bytes"]["all_to_all"] == LAYERS * rows * HEADS * (width + 1) * 4
 
 
 def test_mla_long_prefill_chunk_expands_then_decode_absorbs(world4):
