@@ -79,8 +79,8 @@ def attention_with_lse_torch(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=
         logits += mask.float().transpose(1, 2)[:, None, :, None, :]  # [B, 1, S, 1, Lq]
     hidden = ~visibility(pos_q, pos_kv, window, mask)  # [B, Lq, S]
     logits.masked_fill_(hidden.transpose(1, 2)[:, None, :, None, :], float("-inf"))
-    if S > 0:
-        m = logits.amax(dim=2, keepdim=True)  # [B, Hkv, 1, G, Lq]
+    if S > 0:  # max(dim).values, not amax: 5x faster on CPU over a non-innermost dim (torch 2.13)
+        m = logits.max(dim=2, keepdim=True).values  # [B, Hkv, 1, G, Lq]
     else:
         m = logits.new_full((B, Hkv, 1, G, Lq), float("-inf"))
     m = m.masked_fill(m == float("-inf"), 0.0)  # empty rows: exp(-inf - 0) = 0, no NaN
