@@ -30,6 +30,7 @@ class Backend:
         options: Options | dict | None = None,
         parallel: Parallel | None = None,
         params: Callable[[], dict[int, str]] | None = None,
+        latents: dict | None = None,
     ):
         """`params()`: the model's parameter names by tensor identity, read at every compile
         (`find_projections.param_names`); parallelize passes it, the backend string has none."""
@@ -44,10 +45,16 @@ class Backend:
         self.parallel = parallel
         self.params = params
         self.reports: list[PassReport] = []
+        # layer -> MLA structure (absorb_latent.LatentKV): parallelize's capture, else the first graph;
+        # reused by every later graph instead of probing its expansion at serving sizes
+        self.latents = latents
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **_) -> Callable:
         names = input_names(gm, example_inputs, self.params()) if self.params else None
-        self.reports.append(run_passes(gm, self.options, next(_graph_ids), self.parallel, names))
+        report = run_passes(gm, self.options, next(_graph_ids), self.parallel, names, self.latents)
+        self.reports.append(report)
+        if self.latents is None:
+            self.latents = {s.index: s.latent for s in report.analysis.sites if s.latent is not None}
         return lower(gm, example_inputs, self.options.lowering)
 
 

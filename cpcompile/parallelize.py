@@ -223,7 +223,8 @@ def parallelize(
         from cpcompile.loading import load_replicated
 
         load_replicated(model, ckpt, device)
-    backend = Backend(options, parallel, params=lambda: param_names(model))
+    backend = Backend(options, parallel, params=lambda: param_names(model),
+                      latents={s.index: s.latent for s in analysis.sites if s.latent is not None})
     state = ParallelState(options, max_length, analysis, backend, shapes, prefill_chunk, max_batch,
                           groups.info if groups else None, parallel, groups)
     model_forward = model.forward

@@ -62,14 +62,14 @@ class PassReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | None = None) -> Analysis:
+def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | None = None, latents: dict | None = None) -> Analysis:
     """`names`: the graph's weight inputs -> parameter names (`find_projections.input_names`);
     None only for a bare single-device function (names are then for display).
 
     First puts every projection in `linear` form (pass 0, normalize_linears: the one rewrite
     before analysis; it keeps the model's results)."""
     normalize_linears(gm, names)
-    sites = find_attention_sites(gm)
+    sites = find_attention_sites(gm, latents)
     roles = find_projections(gm, sites, names)
     placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab, options.moe))
     return Analysis(sites, roles, placements, _notes(gm, sites, roles, names))
@@ -143,13 +143,15 @@ def _collective_nodes(gm: fx.GraphModule) -> dict[str, list]:
 
 
 def run_passes(
-    gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel: Parallel | None = None, names: dict[fx.Node, str] | None = None
+    gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel: Parallel | None = None, names: dict[fx.Node, str] | None = None,
+    latents: dict | None = None,
 ) -> PassReport:
+    """`latents`: layer -> the MLA structure read on an earlier graph (`absorb_latent.find_latent`)."""
     if parallel is not None and names is None:
         raise ValueError("cpcompile: a sharded graph needs the model's parameter names (by identity); use parallelize")
     dump = _Dumper(options.debug_dir, graph_id)
     dump(gm, "0-input")
-    analysis = analyze(gm, options, names)
+    analysis = analyze(gm, options, names, latents)
     counts = {
         "attention_sites": len(analysis.sites),
         "sdpa_before": op_count(gm, "sdpa"),

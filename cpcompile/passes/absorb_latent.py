@@ -40,6 +40,7 @@ After (rewrite_attention with this pass's helpers; cp = 1):
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from dataclasses import dataclass
 
@@ -84,8 +85,17 @@ class LatentKV:
                 f"q_nope {self.dn} -> R through W_UK, o R -> {self.dv} through W_UV, H={self.heads}")
 
 
-def find_latent(site: AttentionSite) -> LatentKV | None:
-    """The latent structure of `site`'s K/V, or None when they are read from the cache as they are."""
+# The probe evaluates the expansion at the graph's own B x S slots in float64, as big as HF's own
+# expand_kv at that size: a few MiB on parallelize's capture (1 row, 64 slots), far too much on a
+# serving graph of a real model (16 rows x 32k slots x 32k features). Later graphs reuse the
+# structure read on the first (`known`); a first graph past this size is refused.
+PROBE_BYTES = 1 << 30
+
+
+def find_latent(site: AttentionSite, known: LatentKV | None = None) -> LatentKV | None:
+    """The latent structure of `site`'s K/V, or None when they are read from the cache as they are.
+    `known`: the structure read on an earlier graph of the same model (parallelize's capture):
+    checked against this graph's shapes and reused instead of probing again."""
     read = site.cache_read
     if read is None:
         return None
@@ -105,7 +115,20 @@ def find_latent(site: AttentionSite) -> LatentKV | None:
         raise AttentionError(f"{where}: K/V read the cached latent beside its up-projection {up.name}; not an MLA form cpcompile knows")
     b, _, s, feats = shape(up)
     dr, rank = shape(r)[-1], shape(c)[-1]
+    if known is not None:
+        dims = (known.heads * known.per_head, known.rank, known.rope, known.dn + known.rope, known.dv)
+        if dims != (feats, rank, dr, shape(site.key)[-1], shape(site.value)[-1]):
+            raise AttentionError(f"{where}: this graph's MLA dims {(feats, rank, dr)} differ from the ones read at capture "
+                                 f"{dims[:3]}; the model changed after cpcompile.parallelize")
+        return dataclasses.replace(known, up=up)
     width = feats + dr
+    need = 8 * b * s * (feats + dr + 2 * shape(site.query)[1] * (shape(site.key)[-1] + shape(site.value)[-1]))
+    if need > PROBE_BYTES:
+        raise AttentionError(
+            f"{where}: reading this MLA layer's structure would evaluate its expansion over {b} x {s} slots "
+            f"({need / 2**30:.1f} GiB); cpcompile.parallelize reads it once on a small capture. Use parallelize, or "
+            "call the backend first with a small batch and max_length"
+        )
     slot = (torch.arange(b * s, dtype=torch.float64) * width).view(b, 1, s, 1)
     env = {up: slot + 1 + torch.arange(feats, dtype=torch.float64), r: slot + 1 + feats + torch.arange(dr, dtype=torch.float64)}
     env = evaluate(region, env, torch.Generator().manual_seed(0), f"from the cached latent to {where}'s K/V")

@@ -76,7 +76,8 @@ class AttentionSite:
         return f"{self.form} attention, {heads}, {dims}, scale={self.scale:.4g}, " + ", ".join(extras)
 
 
-def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+def find_attention_sites(gm: fx.GraphModule, latents: dict | None = None) -> list[AttentionSite]:
+    """`latents`: layer -> `absorb_latent.LatentKV` read on an earlier graph of the model (reused, not re-probed)."""
     sites: list[AttentionSite] = []
     for node in gm.graph.nodes:
         if is_op(node, "sdpa"):
@@ -90,7 +91,7 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     for site in sites:
         _attach_cache(site)
         _check_site(site)
-        site.latent = find_latent(site)
+        site.latent = find_latent(site, (latents or {}).get(site.index))
     return sites
 
 

@@ -225,6 +225,7 @@ def test_local_mode_checks_inputs_within_a_replica(world4):
         (dict(dp=2, tp=3, ffn="sp"), r"(?s)Hq=4 query heads are not divisible by tp=3.*dp=2, ffn='sp': \[\(1, 1\), \(1, 2\)"),
         (dict(ffn="ring"), r"ffn='ring'; expected one of \('tp', 'sp', 'world_tp'\)"),
         (dict(dp_inputs="each"), r"dp_inputs='each'; expected one of \('global', 'local'\)"),
+        (dict(mla_uv="middle"), r"mla_uv='middle'; expected one of \('after', 'before'\)"),
     ],
 )
 def test_bad_settings_are_refused_before_any_rank_starts(kwargs, message):

@@ -12,32 +12,15 @@ import torch
 import cpcompile
 from cpcompile._hf import output_cache
 from cpcompile.tiny import tiny_model
+from tests.distributed.test_parallelize import _generate, _prompts, check_equivalent
 from tests.test_explain import _decode_counts
 
-FP32_ATOL = 1e-4  # as tests/distributed/test_parallelize.py: logits O(10), another summation order
-NEAR_TIE = 1e-3
 MAX_LENGTH = 40
-
-
-def _prompts(batch, length, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 250, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        mask[0, : length // 2] = 0  # left padding
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def _generate(model, ids, mask, new):
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
 
 
 def run_mla(arch, options, batch, prompt_len, new_tokens, max_length=MAX_LENGTH, prefill_chunk=256):
     """On every rank: HF's generate, then the parallel one; returns what the parent checks."""
     from cpcompile import parallelize
-    from cpcompile.tiny import tiny_model
 
     model = tiny_model(arch)
     ref = copy.deepcopy(model)
@@ -54,20 +37,6 @@ def run_mla(arch, options, batch, prompt_len, new_tokens, max_length=MAX_LENGTH,
         absorbed=[r.counts["latent_absorbed"] for r in reports], expanded=[r.counts["latent_expanded"] for r in reports],
         decode_collectives=reports[-1].counts["collectives"], decode_bytes=reports[-1].counts["collective_bytes"],
     )
-
-
-def check_equivalent(results, prompt_len):
-    first = results[0]
-    for r, res in enumerate(results):
-        assert torch.equal(res["sequences"], first["sequences"]), f"rank {r} generated other tokens than rank 0"
-    seq, ref_seq, logits, ref_logits = first["sequences"], first["ref_sequences"], first["logits"], first["ref_logits"]
-    for b in range(seq.shape[0]):
-        for t in range(logits.shape[0]):
-            torch.testing.assert_close(logits[t, b], ref_logits[t, b], atol=FP32_ATOL, rtol=0)
-            if seq[b, prompt_len + t] != ref_seq[b, prompt_len + t]:
-                top2 = ref_logits[t, b].topk(2).values
-                assert top2[0] - top2[1] < NEAR_TIE, f"row {b} step {t}: token differs with no near-tie"
-                break
 
 
 # tiny configs (cpcompile.tiny): 2 layers, H = 4 heads; latent R + rope Dr per token

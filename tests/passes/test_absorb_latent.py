@@ -79,3 +79,20 @@ def test_a_bias_on_the_latent_up_projection_is_refused():
     up.args = (*up.args[:2], bias)
     with pytest.raises(AttentionError, match="adds a bias"):
         find_latent(site)
+
+
+def test_later_graphs_reuse_the_structure_instead_of_probing(monkeypatch):
+    """The probe evaluates the expansion at the graph's own size (float64): fine on parallelize's capture,
+    far too big on a serving graph of a real model. A graph given the structure read earlier is only
+    checked against it; without it, a graph past the size limit is refused, naming what to do."""
+    import cpcompile.passes.absorb_latent as absorb
+
+    _, small = hf_graph("deepseek_v3", batch=1, max_length=16)
+    known = {s.index: s.latent for s in find_attention_sites(small)}
+    _, big = hf_graph("deepseek_v3", batch=2, max_length=24)
+    monkeypatch.setattr(absorb, "PROBE_BYTES", 0)  # any probe now refuses
+    sites = find_attention_sites(big, known)
+    assert [s.latent.up.graph for s in sites] == [big.graph, big.graph]  # this graph's own up-projection nodes
+    assert [s.latent.k_cols for s in sites] == [known[0].k_cols, known[1].k_cols]
+    with pytest.raises(AttentionError, match=r"(?s)reading this MLA layer's structure.*cpcompile.parallelize reads it once"):
+        find_attention_sites(big)
