@@ -142,6 +142,9 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
             )
     if mesh.replica > 1:
         out += [f"layer {m}" for m in missing_roles(roles, sites)]
+        up = {p.layer for p in roles.projections if p.role == "kv_up"}
+        out += [f"layer {s.index}: its K/V are up-projected from the cache (kv_up) in a form absorb_latent does not read, "
+                "so its heads cannot be sharded; it runs at tp = cp = 1 only" for s in sites if s.index in up and s.latent is None]
     for p in roles.projections:
         pl = placement_for(p.role, mesh)
         if pl == "replicate":

@@ -96,3 +96,16 @@ def test_later_graphs_reuse_the_structure_instead_of_probing(monkeypatch):
     assert [s.latent.k_cols for s in sites] == [known[0].k_cols, known[1].k_cols]
     with pytest.raises(AttentionError, match=r"(?s)reading this MLA layer's structure.*cpcompile.parallelize reads it once"):
         find_attention_sites(big)
+
+
+def test_an_up_projected_cache_not_read_as_mla_is_refused_at_tp_cp_above_one():
+    """kv_up and mla_q are replicated: a layer whose expansion absorb_latent could not read would get
+    per-head K/V for every head beside TP-sliced queries. The plan refuses such a layer's sharding."""
+    from cpcompile.passes.plan import Mesh, _problems
+
+    model, gm = hf_graph("deepseek_v3")
+    analysis = analyze(gm, Options(), weight_names(model, gm))
+    assert not _problems(analysis.roles, analysis.sites, Mesh(tp=2))
+    analysis.sites[1].latent = None
+    (problem,) = _problems(analysis.roles, analysis.sites, Mesh(tp=2))
+    assert problem.startswith("layer 1: its K/V are up-projected") and not _problems(analysis.roles, analysis.sites, Mesh())
