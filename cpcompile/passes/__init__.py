@@ -9,6 +9,9 @@
                        and slots, plus the CP combine collectives; MLA sites are absorbed
                        into attention over the cached latent (absorb_latent). (rewrites)
 5. shard_linears     — sharded projections -> local linears + all-reduces.     (rewrites)
+5a. local_layouts    — the sharded activations stay local from those linears and the
+                       attention to their row-parallel consumers (no full-width pad);
+                       a norm over a sharded dim all-reduces its statistic.     (rewrites)
 5b. shard_vocab      — embedding lookups and the LM head over this rank's vocab rows,
                        + an all-reduce / all-gather over the replica.           (rewrites)
 5c. shard_experts    — MoE grouped matmuls over this rank's expert columns (moe='tp') or
@@ -43,6 +46,7 @@ from cpcompile.passes.plan import Mesh, Placement, plan
 from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
 from cpcompile.passes.gather_replicas import gather_replicas, replica_layout
 from cpcompile.passes.shard_linears import shard_linears
+from cpcompile.passes.local_layouts import keep_local
 from cpcompile.passes.shard_vocab import shard_vocab
 from cpcompile.passes.shard_experts import shard_experts
 from cpcompile.passes.split_tokens import TokenSplit, split_tokens
@@ -160,10 +164,13 @@ def run_passes(
     result = rewrite_attention(gm, analysis.sites, parallel.attention if parallel else None)
     dump(gm, "1-rewrite_attention")
     if parallel is not None:
-        counts["linears_sharded"] = sum(shard_linears(gm, parallel.shards, parallel.local, parallel.group_names).values())
-        dump(gm, "2-shard_linears")
         mesh = Mesh(parallel.info.tp, parallel.info.cp, parallel.info.dp)
         sizes = {k: mesh.size(k) for k in ("tp", "cp", "dp", "replica", "world")}
+        counts["linears_sharded"] = sum(shard_linears(gm, parallel.shards, parallel.local, parallel.group_names, sizes).values())
+        dump(gm, "2-shard_linears")
+        local = keep_local(gm)
+        counts.update({f"local_{k}": v for k, v in local.items()})
+        dump(gm, "2a-local_layouts")
         vocab = shard_vocab(gm, parallel.shards, parallel.local, parallel.group_names, sizes)
         counts["vocab_sharded"] = vocab["embedding"] + vocab["lm_head"]
         dump(gm, "2b-shard_vocab")

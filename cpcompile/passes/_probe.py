@@ -32,9 +32,27 @@ def _random_like(v, gen: torch.Generator):
 PROBES = 8  # random points per column-support probe (see column_support)
 
 
+def is_statistic(n: fx.Node) -> bool:
+    """A `sum` or `mean` over the last dim only: what a norm reduces its input to (`pow(2).mean(-1)`).
+    Column probes treat its value as a constant, since `local_layouts` sums it over the ranks exactly
+    (one all-reduce of the statistic) wherever it reduces a sharded dim; the two read this one rule.
+    A reduction over any other dim (a sum over routed rows) is an ordinary dependency."""
+    if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    if name not in ("sum", "mean") or n.kwargs.get("dtype") is not None:
+        return False
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    x = val(n.args[0])
+    return len(dims) == 1 and isinstance(dims[0], int) and isinstance(x, torch.Tensor) and dims[0] % max(x.dim(), 1) == x.dim() - 1
+
+
 @torch.enable_grad()  # parallelize may be called under torch.no_grad()
 def column_support(src: fx.Node, dst: fx.Node, select: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Sorted indices c of `src`'s last dim such that `select(dst)` depends on `src[..., c]`.
+    """Sorted indices c of `src`'s last dim such that `select(dst)` depends on `src[..., c]`, a norm's
+    statistic (`is_statistic`) counted as a constant: a q/k norm over the whole projection width
+    then leaves the projection sharded by heads, its statistic all-reduced (local_layouts.py).
 
     The gradient at one random point can be exactly zero where the dependency is real: a ReLU
     (Arcee's relu^2 FFN) has zero slope at half of all inputs, so with the few rows of the captured
@@ -44,7 +62,7 @@ def column_support(src: fx.Node, dst: fx.Node, select: Callable[[torch.Tensor], 
     for seed in range(PROBES):
         gen = torch.Generator().manual_seed(seed)
         x = _random_like(val(src), gen).requires_grad_(True)
-        y = select(_evaluate(src, dst, x, gen))
+        y = select(_evaluate(src, dst, x, gen, statistics=True))
         (grad,) = torch.autograd.grad((y * torch.randn(y.shape, generator=gen, dtype=y.dtype)).sum(), x)
         here = grad.abs().reshape(-1, grad.shape[-1]).sum(0) != 0
         used = here if used is None else used | here
@@ -68,12 +86,13 @@ def forward_support(src: fx.Node, dst: fx.Node, region: Callable[[torch.Tensor],
     return changed.nonzero().flatten()
 
 
-def _evaluate(src: fx.Node, dst: fx.Node, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _evaluate(src: fx.Node, dst: fx.Node, x: torch.Tensor, gen: torch.Generator, statistics: bool = False) -> torch.Tensor:
     on_path = descendants([src], lambda n: n is dst) & (ancestors(dst, lambda n: n is src) | {dst})
-    return evaluate(on_path, {src: x}, gen, f"from {src.name} to {dst.name}")[dst]
+    return evaluate(on_path, {src: x}, gen, f"from {src.name} to {dst.name}", statistics)[dst]
 
 
-def evaluate(nodes: set[fx.Node], env: dict[fx.Node, object], gen: torch.Generator, where: str) -> dict[fx.Node, object]:
+def evaluate(nodes: set[fx.Node], env: dict[fx.Node, object], gen: torch.Generator, where: str,
+             statistics: bool = False) -> dict[fx.Node, object]:
     """Run `nodes` in graph order in float64, with the values in `env` for the nodes given there and
     random values for any other input they read; returns `env` filled in. A fresh `new_empty` is
     filled with NaN, so a column nothing writes can never pass for a value."""
@@ -98,6 +117,8 @@ def evaluate(nodes: set[fx.Node], env: dict[fx.Node, object], gen: torch.Generat
             env[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
             if n.op == "call_method" and n.target == "new_empty":
                 env[n] = env[n].fill_(float("nan"))
+            if statistics and is_statistic(n) and isinstance(env[n], torch.Tensor):
+                env[n] = env[n].detach()  # a norm's statistic: summed over the ranks, not a column dependency
         except (RuntimeError, IndexError, ValueError) as e:
             # Sizes or indices fixed at capture from the traced values (a router's split sizes, a
             # gather by routed expert) do not hold for other values: the layout between src and dst

@@ -41,6 +41,7 @@ from cpcompile.kernels.layout import kv_head_range
 from cpcompile.passes._fx import getitem_user, insert_call, is_op, shape, source_line, val
 from cpcompile.passes.absorb_latent import expands, latent_inputs, local_latent, up_project, written_region
 from cpcompile.passes.find_attention import AttentionError, AttentionSite
+from cpcompile.passes.local_layouts import mark_local
 
 if TYPE_CHECKING:
     from cpcompile.distributed import RankInfo
@@ -137,7 +138,11 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
                 o = up_project(g, lat, o, heads["out"])  # W_UV for the heads this rank holds, after the exchange
             if par is not None:
                 h0, h1 = heads["out"]
-                o = insert_call(g, F.pad, (o, (0, 0, 0, 0, h0, d["Hq"] - h1)))  # back to all heads, zeros elsewhere
+                local = o
+                o = insert_call(g, F.pad, (o, (0, 0, 0, 0, h0, d["Hq"] - h1)))  # all heads, kept local by local_layouts
+                group = "tp" if par.combine == "all_gather" or par.info.cp == 1 else "replica"
+                mark_local(o, local, 1, range(h0, h1), d["Hq"], group, par.group_names[group],
+                           par.info.tp * (par.info.cp if group == "replica" else 1))
         old = site.output
         old.replace_all_uses_with(o)
         _erase_dead([old, *site.chain])

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from cpcompile.passes._fx import insert_call, is_op, shape, val
+from cpcompile.passes.local_layouts import mark_local
 from cpcompile.passes.shard_weights import WeightShard
 
 _c10d = torch.ops._c10d_functional
@@ -79,8 +80,10 @@ def shard_linears(
     shards: dict[str, WeightShard],
     local: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
     group_names: dict[str, str],
+    sizes: dict[str, int],
 ) -> dict[str, int]:
-    """Returns counts: column / row linears rewritten, all-reduces inserted."""
+    """Returns counts: column / row linears rewritten, all-reduces inserted. `sizes`: ranks per group.
+    Each placed column output is marked with the local value it stands for (`local_layouts.mark_local`)."""
     g = gm.graph
     counts = {"column": 0, "row": 0, "all_reduce": 0}
     done = set()
@@ -104,6 +107,7 @@ def shard_linears(
                 y_loc = insert_call(g, torch._C._nn.linear, (x, w_node, b_node))
                 y_loc.meta["cpcompile_weight"] = name
                 y = place_columns(gm, y_loc, shard, full[-1])
+                mark_local(y, y_loc, -1, shard.cols.tolist(), full[-1], shard.group, group_names[shard.group], sizes[shard.group])
             else:
                 if block is not None:
                     x_loc = insert_call(g, operator.getitem, (x, (Ellipsis, slice(*block))))

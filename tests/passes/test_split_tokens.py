@@ -10,6 +10,7 @@ from cpcompile.passes import Parallel, analyze, count_collectives, ffn_tokens
 from cpcompile.passes._fx import is_op, shape
 from cpcompile.passes.gather_replicas import gather_replicas
 from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
+from cpcompile.passes.local_layouts import keep_local
 from cpcompile.passes.shard_linears import shard_linears
 from cpcompile.passes.shard_weights import local_tensors, shard_weights
 from cpcompile.passes.split_tokens import TokenSplit, TokenSplitError, split_tokens
@@ -28,7 +29,9 @@ def _rewritten(model, gm, dp, tp, cp, ffn, rank=0):
     params = dict(model.named_parameters())
     local = {n: local_tensors(s, params[n].detach(), params.get(n[:-6] + "bias")) for n, s in shards.items()}
     rewrite_attention(gm, analysis.sites, AttentionParallel(info, options.combine, NAMES))
-    shard_linears(gm, shards, local, NAMES)
+    sizes = {"tp": tp, "cp": cp, "dp": dp, "replica": tp * cp, "world": dp * tp * cp}
+    shard_linears(gm, shards, local, NAMES, sizes)
+    keep_local(gm)
     return analysis, info
 
 
