@@ -37,9 +37,10 @@ Part `prefill` (timed, `--tokens` 4096 on CPU, tp = 2, gloo, Inductor). Each ran
 World parallelizes the same model twice, once with pass 5a off (before) and once on (after), with
 `prefill_chunk = tokens`, so the prompt is one graph; after a compiling warm-up call each, `--reps`
 rounds alternate the two (the order rotated per round); a round's time is the slower rank's, the
-figure the median. Peak memory per rank: one more call of each under `torch.profiler` with
-`profile_memory=True`, its CPU allocation events replayed in order (the peak of live bytes the
-call allocated, above what was live when it started).
+figure the median. Peak memory per rank: one more call of each, the peak resident memory during
+the call above what was resident when it started (`/proc/self/clear_refs` resets the peak; glibc
+is told to map every buffer of 64 KiB or more on its own, so a freed buffer leaves the RSS and a
+new one enters it). (torch.profiler's memory events do not see Inductor's CPU buffers.)
 """
 
 from __future__ import annotations
@@ -313,18 +314,20 @@ def sweep() -> list[dict]:
 
 
 # ---- prefill on a gloo world ------------------------------------------------------------------
-def _peak_bytes(fn) -> int:
-    """Peak of live CPU bytes allocated during fn(), replaying the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]")
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return peak
+
+def _peak_bytes(fn) -> int:
+    """Peak resident memory during fn() above what was resident when it started (Linux: the peak RSS
+    is reset through /proc/self/clear_refs; every buffer of 64 KiB or more is its own mapping, given
+    back when freed, since main() fixes glibc's MALLOC_MMAP_THRESHOLD_ before the ranks start)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status("VmRSS:")
+    fn()
+    return _status("VmHWM:") - base
 
 
 def prefill_rank(a: dict) -> dict:
@@ -378,10 +381,16 @@ def prefill_rank(a: dict) -> dict:
 
 
 def prefill_part(a: dict) -> dict:
+    import os
+
     from cpcompile.testing import World
 
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the ranks' glibc at start (see _peak_bytes)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_local_layouts  # the workers unpickle prefill_rank by reference to this module
+
     with World(2) as world:
-        res = world.run(prefill_rank, a, timeout_s=a["timeout_s"])
+        res = world.run(bench_local_layouts.prefill_rank, a, timeout_s=a["timeout_s"])
     out = {}
     for v in ("before", "after"):
         per_round = [max(r["times"][v][i] for r in res) for i in range(a["reps"])]
