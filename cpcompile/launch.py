@@ -134,6 +134,7 @@ def _generate_on_rank(spec: GenerateSpec, rank: int) -> int:
 
     import cpcompile
     from cpcompile.cache import KVCache
+    from cpcompile.parallelize import weight_bytes
 
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -189,7 +190,7 @@ def _generate_on_rank(spec: GenerateSpec, rank: int) -> int:
             "dp_rank": dp_rank,
             "prompt_len": ids.shape[1],
             "tokens": out.sequences.tolist(),
-            "weight": _weight_bytes(model),
+            "weight": weight_bytes(model),  # the local shards the compiled graph reads
             "kv": output_cache(out).kv_bytes(),
             "one_device": one_device,
             "ffn_tokens": decode.get("ffn_tokens"),
@@ -241,14 +242,6 @@ def _prompt(spec: GenerateSpec, model, tokenizer, device, dp_rank: int = 0) -> t
         ids = torch.tensor([[b % vocab for b in spec.prompt.encode()]] * rows)  # byte-level: id = UTF-8 byte
     ids = ids.to(device)
     return ids, torch.ones_like(ids)
-
-
-def _weight_bytes(model) -> int:
-    try:  # counts the local shards the compiled graph reads, and each stand-in parameter once
-        from cpcompile.parallelize import weight_bytes
-    except ImportError:
-        return sum(p.numel() * p.element_size() for p in model.parameters())
-    return weight_bytes(model)
 
 
 def _num_layers(model) -> int:
