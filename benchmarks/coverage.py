@@ -262,15 +262,15 @@ def build_model(name: str, seed: int = SEED) -> torch.nn.Module:
 def check_reference(name: str) -> str | None:
     """Build the model and run assert_equivalent's reference on it (HF eager, one device: the prefill
     and the greedy decode steps); the reason it is unbuilt, or None."""
-    from cpcompile.testing.equivalence import _left_padded, _reference
+    from cpcompile.testing.equivalence import left_padded, run_reference
 
     try:
         with torch.device("meta"):  # a default the shrink missed would allocate gigabytes
             n = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(tiny_config(name)).parameters())
         if n > MAX_PARAMS:
             return f"the shrunk config still has {n / 1e6:.0f}M parameters (> {MAX_PARAMS / 1e6:.0f}M): a size field the shrink does not know"
-        ids, mask = _left_padded(PROMPTS, pad_id=0)
-        logits, _, _ = _reference(functools.partial(build_model, name), None, ids, mask, MAX_NEW_TOKENS)
+        ids, mask = left_padded(PROMPTS, pad_id=0)
+        logits, _, _ = run_reference(functools.partial(build_model, name), None, ids, mask, MAX_NEW_TOKENS)
     except Exception as e:  # noqa: BLE001 (any failure to build is this category's reason)
         return f"{type(e).__name__}: {_first_line(e)}"
     if not torch.isfinite(logits).all():

@@ -143,7 +143,7 @@ class Checkpoint:
             if index is None:
                 t = (sl[:] if len(shape) else h.get_tensor(self._key[name])).clone(memory_format=torch.contiguous_format)
             else:
-                parts = [sl[(slice(None),) * dim + (slice(a, b),)] for a, b in _runs(index)]
+                parts = [sl[(slice(None),) * dim + (slice(a, b),)] for a, b in contiguous_runs(index)]
                 t = torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone(memory_format=torch.contiguous_format)
         self.bytes_read += t.numel() * t.element_size()
         return t
@@ -170,7 +170,7 @@ class Checkpoint:
         return w.contiguous(), b
 
 
-def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
+def contiguous_runs(index: torch.Tensor) -> list[tuple[int, int]]:
     """Sorted indices as half-open contiguous runs: [0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]."""
     idx = [int(i) for i in index.tolist()]
     if not idx:

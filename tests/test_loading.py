@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cpcompile
-from cpcompile.loading import Checkpoint, CheckpointError, _runs, empty_model
+from cpcompile.loading import Checkpoint, CheckpointError, contiguous_runs, empty_model
 from cpcompile.passes.shard_weights import WeightShard, local_tensors
 from cpcompile.tiny import tiny_model
 
@@ -20,8 +20,8 @@ def _save(model, path, **kw):
 
 
 def test_runs():
-    assert _runs(torch.tensor([0, 1, 2, 5, 6, 9])) == [(0, 3), (5, 7), (9, 10)]
-    assert _runs(torch.tensor([4])) == [(4, 5)]
+    assert contiguous_runs(torch.tensor([0, 1, 2, 5, 6, 9])) == [(0, 3), (5, 7), (9, 10)]
+    assert contiguous_runs(torch.tensor([4])) == [(4, 5)]
 
 
 @pytest.mark.parametrize("kind, transposed", [("column", False), ("row", False), ("column", True), ("row", True)])

@@ -126,7 +126,7 @@ def attention_with_lse(
 
 
 @attention_with_lse.register_kernel("cuda")
-def _attention_with_lse_cuda(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None, filled=None):
+def attention_with_lse_cuda(q, k, v, pos_q, pos_kv, scale, softcap=0.0, window=0, mask=None, filled=None):
     from cpcompile.kernels import triton_launch  # triton is optional; imported on first CUDA call
 
     return triton_launch.attention_with_lse(q, k, v, pos_q, pos_kv, scale, softcap, window, mask, filled)

@@ -34,7 +34,7 @@ def merge_states(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 @merge_states.register_kernel("cuda")
-def _merge_states_cuda(o, lse):
+def merge_states_cuda(o, lse):
     from cpcompile.kernels import triton_launch  # triton is optional; imported on first CUDA call
 
     return triton_launch.merge_states(o, lse)

@@ -105,7 +105,7 @@ class EquivalenceResult:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _left_padded(prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_padded(prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`prompts`: token lists (ragged; left-padded here) or `(input_ids, attention_mask)` tensors
     already left-padded. Returns `(ids [B, S] int64, mask [B, S] int64)`."""
     if isinstance(prompts, tuple) and len(prompts) == 2 and all(isinstance(t, torch.Tensor) for t in prompts):
@@ -161,7 +161,7 @@ def _build(model_factory, dtype):
     return model.eval()
 
 
-def _reference(model_factory, dtype, ids, mask, steps):
+def run_reference(model_factory, dtype, ids, mask, steps):
     model = _build(model_factory, dtype)
     model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     logits, tokens = _drive(model, ids, mask, steps, None, None)  # the cache the model makes itself, as generate()'s
@@ -177,7 +177,7 @@ class _Replicas:
     local: bool  # each replica returns its own rows (True) or the whole batch (False)
 
 
-def _replicas(ids, mask, forced, dp: int, dp_inputs: str) -> _Replicas:
+def split_replicas(ids, mask, forced, dp: int, dp_inputs: str) -> _Replicas:
     """Split the left-padded batch over `dp` replicas as `parallelize` does (`split_rows`; the
     caller checked B >= dp). Global: every replica is given the whole batch. Local: its own rows,
     cut to its own width (its widest prompt): the padding other replicas' prompts needed goes."""
@@ -244,7 +244,7 @@ class _Failure:
     what: str
 
 
-def _compare(ref_logits, ref_tokens, par_logits, rank_errors: list[tuple[int, int, torch.Tensor]], tol: Tolerance):
+def compare(ref_logits, ref_tokens, par_logits, rank_errors: list[tuple[int, int, torch.Tensor]], tol: Tolerance):
     """-> (EquivalenceResult, first _Failure or None). Logits [steps, B, V] fp32, tokens [steps, B];
     `rank_errors`: per rank, (rank, the rank it was compared with, max |difference| [steps, B])."""
     err = (par_logits - ref_logits).abs()  # [steps, B, V]
@@ -406,7 +406,7 @@ def assert_equivalent(
     if world is not None and world.n != n:
         raise ValueError(f"assert_equivalent: the world has {world.n} ranks but dp*tp*cp = {dp}*{tp}*{cp} = {n}")
 
-    ids, mask = _left_padded(prompts, pad_id=0)  # padding is masked: its id does not matter
+    ids, mask = left_padded(prompts, pad_id=0)  # padding is masked: its id does not matter
     dp_inputs = parallel_options.get("dp_inputs", "global")
     if ids.shape[0] < dp:
         raise ValueError(
@@ -414,14 +414,14 @@ def assert_equivalent(
             f"(dp_inputs={dp_inputs!r}): each replica needs at least one row, as parallelize's split_rows does. "
             f"Pass at least {dp} prompts, or fewer replicas."
         )
-    ref_logits, ref_tokens, model_dtype = _reference(model_factory, dtype, ids, mask, max_new_tokens)
+    ref_logits, ref_tokens, model_dtype = run_reference(model_factory, dtype, ids, mask, max_new_tokens)
     tol = tolerance or TOLERANCES.get(model_dtype)
     if tol is None:
         raise ValueError(f"assert_equivalent: no tolerance stated for dtype {model_dtype}; pass tolerance=Tolerance(...)")
 
     options = dict(tp=tp, cp=cp, dp=dp, max_length=ids.shape[1] + max_new_tokens)
     options.update(parallel_options)
-    replicas = _replicas(ids, mask, ref_tokens, dp, dp_inputs)
+    replicas = split_replicas(ids, mask, ref_tokens, dp, dp_inputs)
     args = (model_factory, dtype, replicas, max_new_tokens, options)
     if world is None and n == 1:
         results = [_parallel_rank(*args)]
@@ -432,7 +432,7 @@ def assert_equivalent(
         results = world.run(_parallel_rank, *args, timeout_s=WORLD_TIMEOUT_S)
 
     rank_errors = [(r, res["against"], res["rank_error"]) for r, res in enumerate(results) if r != res["against"]]
-    result, failure = _compare(ref_logits, ref_tokens, results[0]["logits"], rank_errors, tol)
+    result, failure = compare(ref_logits, ref_tokens, results[0]["logits"], rank_errors, tol)
     result.ranks_bitwise_equal = all(r["bitwise"] for r in results)
     if failure is not None:
         lengths = mask.sum(-1).tolist()

@@ -473,14 +473,14 @@ def test_split_heuristic_fills_an_h100_for_decode():
 
 def test_cuda_kernel_body_runs_the_triton_launcher():
     # The function registered for CUDA, called on this device's tensors (interpreter on CPU).
-    from cpcompile.kernels.attention import _attention_with_lse_cuda
-    from cpcompile.kernels.merge import _merge_states_cuda
+    from cpcompile.kernels.attention import attention_with_lse_cuda
+    from cpcompile.kernels.merge import merge_states_cuda
 
     case = make_case(B=2, Hkv=2, G=2, Lq=2, S=50, mask="bool")
-    out = _attention_with_lse_cuda(*case.args())
+    out = attention_with_lse_cuda(*case.args())
     assert_attention_close(out, attention_with_lse_ref(*case.args()), torch.float32, "cuda body")
     o, lse = torch.stack([out[0], out[0]]), torch.stack([out[1], out[1]])
-    om, lm = _merge_states_cuda(o, lse)
+    om, lm = merge_states_cuda(o, lse)
     assert_close(om, out[0], what="merge o", **TOL[torch.float32])
     assert_close(lm, out[1] + math.log(2), what="merge lse", **TOL[torch.float32])
 

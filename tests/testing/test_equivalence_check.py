@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from cpcompile.testing import BF16_TOLERANCE, FP32_TOLERANCE, TOLERANCES, Tolerance, assert_equivalent
-from cpcompile.testing.equivalence import _compare, _left_padded, _replicas, reproduction
+from cpcompile.testing.equivalence import compare, left_padded, reproduction, split_replicas
 from cpcompile.tiny import tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12]]  # left padding; rows shorter than cp=2
@@ -68,13 +68,13 @@ def test_attention_data_parallel_global_and_local(world2):
 
 
 def test_replicas_are_given_their_rows_at_their_own_width():
-    ids, mask = _left_padded([[5, 6, 7, 8, 9], [10, 11], [12], [13, 14]], pad_id=0)
+    ids, mask = left_padded([[5, 6, 7, 8, 9], [10, 11], [12], [13, 14]], pad_id=0)
     forced = torch.arange(8).reshape(2, 4)  # [steps, B]
-    local = _replicas(ids, mask, forced, dp=3, dp_inputs="local")
+    local = split_replicas(ids, mask, forced, dp=3, dp_inputs="local")
     assert [list(r) for r in local.rows] == [[0, 1], [2], [3]] and local.local
     assert [i.tolist() for i, _, _ in local.inputs] == [[[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]], [[12]], [[13, 14]]]
     assert [f.tolist() for _, _, f in local.inputs] == [[[0, 1], [4, 5]], [[2], [6]], [[3], [7]]]
-    glob = _replicas(ids, mask, forced, dp=3, dp_inputs="global")
+    glob = split_replicas(ids, mask, forced, dp=3, dp_inputs="global")
     assert not glob.local and all(i is ids for i, _, _ in glob.inputs)
 
 
@@ -127,11 +127,11 @@ def test_near_tie_is_allowed_and_later_steps_still_compared():
     par = ref.clone()
     par[1, 1, 1] += 5e-5 + 1e-4  # the parallel run picks the runner-up (error 1.5e-4 > atol)
     tol = Tolerance(atol=2e-4, rtol=0.0, near_tie=1e-3)
-    result, failure = _compare(ref, tokens, par, [], tol)
+    result, failure = compare(ref, tokens, par, [], tol)
     assert failure is None
     assert [(t.step, t.row, t.reference_token, t.parallel_token) for t in result.near_ties] == [(1, 1, 0, 1)]
     par[3, 0, 2] += 1.0  # a real error after the near-tie is still found (forced decoding)
-    _, failure = _compare(ref, tokens, par, [], tol)
+    _, failure = compare(ref, tokens, par, [], tol)
     assert (failure.step, failure.row) == (3, 0) and "logits differ" in failure.what
 
 
@@ -140,7 +140,7 @@ def test_token_change_without_near_tie_fails():
     par = ref.clone()
     second = ref[2, 0].topk(2).indices[1]
     par[2, 0, second] = ref[2, 0].max() + 1.0
-    _, failure = _compare(ref, tokens, par, [], Tolerance(atol=10.0, rtol=0.0, near_tie=1e-3))
+    _, failure = compare(ref, tokens, par, [], Tolerance(atol=10.0, rtol=0.0, near_tie=1e-3))
     assert (failure.step, failure.row) == (2, 0) and "no near-tie" in failure.what
 
 
@@ -148,7 +148,7 @@ def test_rank_divergence_reported_with_rank():
     ref, tokens = _logits()
     rank_err = torch.zeros(4, 2)
     rank_err[2, 1] = 1e-2
-    result, failure = _compare(ref, tokens, ref.clone(), [(1, 0, torch.zeros(4, 2)), (3, 2, rank_err)], FP32_TOLERANCE)
+    result, failure = compare(ref, tokens, ref.clone(), [(1, 0, torch.zeros(4, 2)), (3, 2, rank_err)], FP32_TOLERANCE)
     assert (failure.step, failure.row) == (2, 1) and "rank 3 disagrees with rank 2" in failure.what  # local: its replica's first rank
     assert result.max_rank_error == pytest.approx(1e-2)
 
@@ -162,12 +162,12 @@ def test_tolerances_are_stated_per_dtype():
 
 
 def test_prompts_are_left_padded():
-    ids, mask = _left_padded([[5, 6, 7], [8]], pad_id=0)
+    ids, mask = left_padded([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="left padding"):
-        _left_padded((torch.tensor([[5, 6]]), torch.tensor([[1, 0]])), pad_id=0)
+        left_padded((torch.tensor([[5, 6]]), torch.tensor([[1, 0]])), pad_id=0)
     with pytest.raises(ValueError, match="no tokens"):
-        _left_padded([[5], []], pad_id=0)
+        left_padded([[5], []], pad_id=0)
 
 
 def test_bad_arguments_are_refused(world2):
