@@ -22,7 +22,7 @@ import time
 import torch
 import transformers
 
-from cpcompile.distributed import RankInfo
+from cpcompile.distributed import RankContext
 from cpcompile.loading import empty_model
 from cpcompile.options import Options
 from cpcompile.parallelize import _meta_copy, capture
@@ -65,7 +65,7 @@ def rank_bytes(model, analysis, tp: int, cp: int, moe: str, rank: int) -> tuple[
     it holds beyond 1/(tp*cp) of them: Helix splits heads over tp only, so CP ranks repeat them, and
     a KV head is repeated on tp/Hkv ranks when tp > Hkv)."""
     params = dict(model.named_parameters())
-    shards = shard_weights(analysis, RankInfo(tp, cp, 1, rank), "all_to_all", "tp", "parallel", moe)
+    shards = shard_weights(analysis, RankContext(tp, cp, 1, "all_to_all", "tp", "parallel", moe, rank=rank))
     sharded = {n for s in shards.values() for n in (s.weight, s.bias) if n}
     replicated = sum(p.numel() * p.element_size() for n, p in params.items() if n not in sharded)
     held = replicated

@@ -40,8 +40,8 @@ from cpcompile.serving import Engine, check_serving, graph_bound
 from cpcompile import verify as verification
 
 if TYPE_CHECKING:
-    from cpcompile.distributed import Groups, RankInfo
-    from cpcompile.passes import Parallel
+    from cpcompile.distributed import RankContext
+    from cpcompile.passes.shard_weights import RankWeights
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_PREFILL_CHUNK = 256
@@ -59,9 +59,8 @@ class ParallelState:
     kv_shapes: list  # per layer (Hkv, Dk, Dv, dtype), see cpcompile.cache.kv_shapes
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     max_batch: int = DEFAULT_MAX_BATCH
-    rank: "RankInfo | None" = None
-    parallel: "Parallel | None" = None
-    groups: "Groups | None" = None
+    ctx: "RankContext | None" = None  # this rank and its process groups (None on one device)
+    weights: "RankWeights | None" = None  # this rank's weight shards and local copies
     engine: "Engine | None" = None
     verification: dict | None = None  # the largest logit error per step of the self-verification probe
     checkpoint: "object | None" = None  # the cpcompile.loading.Checkpoint the weights were read from (bytes_read)
@@ -84,7 +83,7 @@ class ParallelState:
         if o.dp == 1 or o.dp_inputs == "global":
             check_same_inputs(ref, None, position, logits_to_keep)
         elif o.tp * o.cp > 1:
-            check_same_inputs(ref, self.groups.handles["replica"], position, logits_to_keep)
+            check_same_inputs(ref, self.ctx.handles["replica"], position, logits_to_keep)
 
 
 class CaptureError(ValueError):
@@ -216,17 +215,16 @@ def parallelize(
     if verify and ckpt is not None:  # before any weight is read: a plan that is wrong fails fast
         twin_report = _verify_twin(model, analysis, options, min(max_length, 256), prefill_chunk, max_batch, device)
     del traced
-    parallel, groups = None, None
+    ctx, weights = None, None
     if dp * tp * cp > 1:
-        parallel, groups = _shard_model(model, analysis, options, ckpt, device)
+        ctx, weights = _shard_model(model, analysis, options, ckpt, device)
     if ckpt is not None:
         from cpcompile.loading import load_replicated
 
         load_replicated(model, ckpt, device)
-    backend = Backend(options, parallel, params=lambda: param_names(model),
+    backend = Backend(options, ctx, weights, params=lambda: param_names(model),
                       latents={s.index: s.latent for s in analysis.sites if s.latent is not None})
-    state = ParallelState(options, max_length, analysis, backend, shapes, prefill_chunk, max_batch,
-                          groups.info if groups else None, parallel, groups)
+    state = ParallelState(options, max_length, analysis, backend, shapes, prefill_chunk, max_batch, ctx, weights)
     model_forward = model.forward
 
     def step(*args, replica_layout=None, **kwargs):
@@ -249,7 +247,7 @@ def parallelize(
 
     model._cpcompile_forward = model_forward
     model.forward = forward
-    if state.rank is not None:
+    if state.ctx is not None:
         model.generate = lockstep_generate(model, state, model.generate)
     model._cpcompile = state
     model.generation_config.disable_compile = True
@@ -341,19 +339,16 @@ def _cannot_locate(o: Options) -> str | None:
 
 
 def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=None):
-    """Decide this rank's weight shards, keep its local copies, and replace the model's full
+    """This rank's context and weights: decide its weight shards, keep its local copies, and replace the model's full
     parameters for them by zero-storage stand-ins of the full shape (Dynamo then traces the
     single-device shapes; the graph reads the local copies). With `ckpt` the local copies are read
     from the checkpoint's files onto `device` (the model's parameters are on meta)."""
-    from cpcompile.distributed import init_groups
-    from cpcompile.passes import Parallel
-    from cpcompile.passes.rewrite_attention import AttentionParallel
-    from cpcompile.passes.shard_weights import local_tensors, shard_weights
+    from cpcompile.distributed import rank_context
+    from cpcompile.passes.shard_weights import RankWeights, local_tensors, shard_weights
 
     device = device if ckpt is not None else _device(model)
-    groups = init_groups(options.tp, options.cp, options.dp, device)
-    info = groups.info
-    shards = shard_weights(analysis, info, options.combine, options.ffn, options.vocab, options.moe)
+    ctx = rank_context(options, device)
+    shards = shard_weights(analysis, ctx)
     params = dict(model.named_parameters())
     local = {}
     for name, shard in shards.items():
@@ -378,8 +373,7 @@ def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=
         for pname in (name, bias_name if bias is not None else None):
             if pname:
                 _stand_in(model, params[pname], device)
-    names = {k: groups.name(k) for k in ("cp", "tp", "replica", "dp", "world")}
-    return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave, options.mla_uv), shards, local), groups
+    return ctx, RankWeights(shards, local)
 
 
 def _stand_in(model, full: torch.nn.Parameter, device) -> None:
@@ -402,8 +396,8 @@ def weight_bytes(model) -> int:
             seen.add(st.data_ptr())
             total += st.nbytes()
     state = getattr(model, "_cpcompile", None)
-    if state is not None and state.parallel is not None:
-        for w, b in state.parallel.local.values():
+    if state is not None and state.weights is not None:
+        for w, b in state.weights.local.values():
             total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
     return total
 
