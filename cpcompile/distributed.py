@@ -14,7 +14,7 @@ world = dp x tp x cp, CP innermost: rank = (dp_rank * tp + tp_rank) * cp + cp_ra
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,11 @@ class RankContext(Mesh):
     mla_uv: str = "after"  # MLA: W_UV after the combine (this rank's heads) or before it (all heads)
     group_names: dict = field(default_factory=dict, hash=False)  # group -> functional-collective group name
     handles: dict = field(default_factory=dict, hash=False, compare=False, repr=False)  # group -> ProcessGroup
+
+    @property
+    def mesh(self) -> Mesh:
+        """The mesh alone (what the plan is made for)."""
+        return Mesh(*(getattr(self, f.name) for f in fields(Mesh)))
 
     @property
     def cp_rank(self) -> int:

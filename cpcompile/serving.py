@@ -286,14 +286,14 @@ class Engine:
                                f"(shapes compiled before: {sorted(self.compiles)})")
                 raise inner from None
             except (torch._dynamo.exc.TorchRuntimeError, torch._dynamo.exc.Unsupported) as e:
-                from cpcompile.parallelize import CaptureError, _first_line, _user_frame
+                from cpcompile.parallelize import CaptureError, first_line, user_frame
 
                 # Dynamo could trace the capture shape but not this one: the model's code depends on
                 # the step's shape in a way a static cache does not satisfy (GPT-Neo slices its causal
                 # bias by the cache's length, which is shorter than a bucketed prefill chunk).
                 raise CaptureError(
                     f"cpcompile: the model's forward could not be traced for the step shape {key} over cpcompile's "
-                    f"preallocated KV cache: {type(e).__name__}: {_first_line(e)} {_user_frame(e)}\n"
+                    f"preallocated KV cache: {type(e).__name__}: {first_line(e)} {user_frame(e)}\n"
                     "The model's code depends on the step's shape in a way cpcompile's static cache does not "
                     "satisfy. Run it without cpcompile."
                 ) from e

@@ -61,8 +61,13 @@ from cpcompile.passes.split_tokens import split_tokens
 class Analysis:
     sites: list[AttentionSite]
     roles: Roles
-    placements: list[Placement]
+    placements: list[Placement]  # the plan (pass 3): one per `roles.projections`, in that order, under `mesh`
     notes: list[str] = field(default_factory=list)  # what the passes saw but did not understand
+    mesh: Mesh = field(default_factory=Mesh)  # the mesh `placements` were planned for
+
+    def placement(self, weight: str) -> Placement:
+        """The plan's row for the projection of parameter `weight`."""
+        return next(p for p in self.placements if p.weight == weight)
 
 
 @dataclass
@@ -80,8 +85,8 @@ def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | No
     normalize_linears(gm, names)
     sites = find_attention_sites(gm, latents)
     roles = find_projections(gm, sites, names)
-    placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab, options.moe))
-    return Analysis(sites, roles, placements, _notes(gm, sites, roles, names))
+    mesh = Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab, options.moe)
+    return Analysis(sites, roles, plan(roles, sites, mesh), _notes(gm, sites, roles, names), mesh)
 
 
 def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles, names=None) -> list[str]:
@@ -100,7 +105,7 @@ def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles, names=N
     return notes
 
 
-_COLLECTIVES = {
+COLLECTIVES = {  # kind (PassReport counts) -> functional collective op
     "all_reduce": "all_reduce",
     "all_to_all": "all_to_all_single",
     "all_gather": "all_gather_into_tensor",
@@ -130,7 +135,7 @@ def _collective_nodes(gm: fx.GraphModule) -> dict[str, list]:
     ops = torch.ops._c10d_functional
     return {
         k: [n for n in gm.graph.nodes if n.op == "call_function" and n.target is getattr(ops, op).default]
-        for k, op in _COLLECTIVES.items()
+        for k, op in COLLECTIVES.items()
     }
 
 
@@ -171,8 +176,7 @@ def run_passes(
             gather_replicas(gm, ctx, options.dp_inputs == "global")
             dump(gm, "3-gather_replicas")
         if options.ffn == "sp" and options.cp > 1 or options.ffn == "world_tp" and options.dp > 1:
-            roles = {p.weight: p.role for p in analysis.roles.projections}
-            counts["split_tokens"] = split_tokens(gm, roles, ctx, tokens=layout[1] if layout else None)
+            counts["split_tokens"] = split_tokens(gm, analysis.placements, ctx, tokens=layout[1] if layout else None)
             dump(gm, "4-split_tokens")
     counts["ffn_tokens"] = ffn_tokens(gm, analysis)
     counts["collectives"] = count_collectives(gm)

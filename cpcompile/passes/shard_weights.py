@@ -36,8 +36,8 @@ import torch
 from cpcompile.kernels.layout import kv_head_range
 
 from cpcompile.passes._probe import ProbeError, column_support, forward_support
-from cpcompile.passes.find_projections import _new_kv
-from cpcompile.passes.plan import placement_for
+from cpcompile.passes.find_projections import new_kv
+from cpcompile.passes.plan import EXPERT_ROLES, FFN_ROLES, SHARED_EXPERT_ROLES, Placement
 
 if TYPE_CHECKING:
     from cpcompile.distributed import RankContext
@@ -90,30 +90,33 @@ class RankWeights:
 
 
 def shard_weights(analysis: "Analysis", ctx: "RankContext") -> dict[str, WeightShard]:
-    """This rank's shards under `ctx`'s mesh (tp, cp, dp, combine, ffn, vocab, moe)."""
+    """This rank's shards: the plan's sharded placements (`analysis.placements`, planned for `ctx`'s mesh)
+    made into columns."""
+    if analysis.mesh != ctx.mesh:
+        raise ValueError(f"shard_weights: the plan is for {analysis.mesh}, this rank's context for {ctx.mesh}")
     shards: dict[str, WeightShard] = {}
-    by_layer: dict[int, list] = {}
-    for p in analysis.roles.projections:
-        by_layer.setdefault(p.layer, []).append(p)
+    by_layer: dict[int, list[Placement]] = {}
+    for pl in analysis.placements:
+        by_layer.setdefault(pl.layer, []).append(pl)
     for site in analysis.sites:
         try:
             _shard_site(shards, site, by_layer.get(site.index, []), ctx)
         except ProbeError as e:
             raise ProbeError(f"cpcompile: layer {site.index}: {e}. Run with tp = cp = 1 (see cpcompile.explain).") from e
-    for p in analysis.roles.projections:
-        placement = placement_for(p.role, ctx)
-        if p.role == "expert_down" and placement != "replicate":
-            up = next(q for q in analysis.roles.projections if q.role == "expert_up" and q.offsets is p.offsets)
-            shards.update(expert_shards(up, p, placement, ctx))
-        if placement.startswith("vocab"):
-            shards[p.weight] = vocab_shard(p, placement.split("/")[-1], ctx)
+    for pl in analysis.placements:
+        if pl.role == "expert_down" and pl.sharded:
+            up = next(q for q in analysis.placements if q.role == "expert_up" and q.projection.offsets is pl.projection.offsets)
+            shards.update(expert_shards(up, pl, ctx))
+        if pl.kind == "vocab":
+            shards[pl.weight] = vocab_shard(pl, ctx)
     return shards
 
 
-def expert_shards(up, down, placement: str, ctx: "RankContext") -> dict[str, WeightShard]:
-    group = placement.split("/")[-1]
+def expert_shards(up: Placement, down: Placement, ctx: "RankContext") -> dict[str, WeightShard]:
+    group, kind = down.group, down.kind
     size, r = ctx.size(group), ctx.group_rank(group)
-    if placement.startswith("expert/"):  # moe='ep': whole experts
+    up, down = up.projection, down.projection
+    if kind == "expert":  # moe='ep': whole experts
         per = down.experts // size
         experts = torch.arange(r * per, (r + 1) * per)
         return {p.weight: WeightShard(p.weight, "expert", group, experts, (p.out_features, p.in_features), None, p.transposed)
@@ -128,8 +131,9 @@ def expert_shards(up, down, placement: str, ctx: "RankContext") -> dict[str, Wei
     }
 
 
-def vocab_shard(p, group: str, ctx: "RankContext") -> WeightShard:
-    """Rows `[r*Vl, min((r+1)*Vl, V))` of a [V, H] table, `Vl = ceil(V / size)`, r = this rank in `group`."""
+def vocab_shard(pl: Placement, ctx: "RankContext") -> WeightShard:
+    """Rows `[r*Vl, min((r+1)*Vl, V))` of a [V, H] table, `Vl = ceil(V / size)`, r = this rank in the placement's group."""
+    p, group = pl.projection, pl.group
     size, r = ctx.size(group), ctx.group_rank(group)
     v = p.out_features
     per = -(-v // size)
@@ -137,23 +141,21 @@ def vocab_shard(p, group: str, ctx: "RankContext") -> WeightShard:
     return WeightShard(p.weight, "vocab", group, rows, (p.out_features, p.in_features), p.bias, p.transposed, per)
 
 
-def _shard_site(shards: dict[str, WeightShard], site, layer: list, ctx: "RankContext") -> None:
+def _shard_site(shards: dict[str, WeightShard], site, layer: list[Placement], ctx: "RankContext") -> None:
     """The shards of one attention site's projections and of its layer's FFN, into `shards`."""
-    from cpcompile.passes.plan import EXPERT_ROLES, FFN_ROLES, SHARED_EXPERT_ROLES
-
-    FFN_ROLES = FFN_ROLES + SHARED_EXPERT_ROLES  # a shared expert is sharded as a dense FFN
+    dense_ffn = FFN_ROLES + SHARED_EXPERT_ROLES  # a shared expert is sharded as a dense FFN
     d = site.dims
     heads = head_ranges(ctx, d["Hq"])
     kv0, kv1 = kv_head_range(d["Hkv"], ctx.tp, ctx.tp_rank)
-    new_k, new_v = _new_kv(site)
+    new_k, new_v = new_kv(site)
     ffn_row = None
-    for p in layer:
-        placement = placement_for(p.role, ctx)
-        if placement == "replicate" or p.role in EXPERT_ROLES:
+    for pl in layer:
+        p = pl.projection
+        if not pl.sharded or p.role in EXPERT_ROLES:
             continue  # experts: expert_shards
-        kind, group = ("row" if placement.startswith("row") else "column"), placement.split("/")[-1]
+        kind, group = ("row" if pl.kind == "row" else "column"), pl.group
         lin = p.node
-        if kind == "column" and p.role not in FFN_ROLES:
+        if kind == "column" and p.role not in dense_ffn:
             cols = []
             if "q" in p.role:
                 cols.append(column_support(lin, site.query, lambda t: t[:, heads["tp"][0] : heads["tp"][1]]))
@@ -184,14 +186,14 @@ def _shard_site(shards: dict[str, WeightShard], site, layer: list, ctx: "RankCon
             cols = torch.arange(r * per, (r + 1) * per)
             shards[p.weight] = _shard(p, "row", group, cols)
             ffn_row = (p, r * per, (r + 1) * per)
-    for p in layer:  # FFN column shards: the columns that feed this rank's chunk of down's input
-        placement = placement_for(p.role, ctx)
-        if p.role in FFN_ROLES and "column" in placement:
+    for pl in layer:  # FFN column shards: the columns that feed this rank's chunk of down's input
+        p = pl.projection
+        if p.role in dense_ffn and pl.kind in ("column", "packed-column"):
             if ffn_row is None:
                 raise ValueError(f"shard_weights: {p.weight} ({p.role}) is column-parallel but layer {site.index} has no down/fc2")
             down, c0, c1 = ffn_row
             cols = column_support(p.node, down.node.args[0], lambda t: t[..., c0:c1])
-            shards[p.weight] = _shard(p, "column", placement.split("/")[-1], cols)
+            shards[p.weight] = _shard(p, "column", pl.group, cols)
 
 
 def _shard(p, kind: str, group: str, cols: torch.Tensor) -> WeightShard:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from cpcompile.passes._fx import erase_unused, insert_call, is_op, shape, val
+from cpcompile.passes.plan import ATTENTION_INPUT_ROLES, FFN_COLUMN_ROLES, Placement
 
 if TYPE_CHECKING:
     from cpcompile.distributed import RankContext
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
 _c10d = torch.ops._c10d_functional
 
 FULL, CHUNK, GATHERED = "full", "chunk", "gathered"
-ATTENTION_INPUT_ROLES = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down", "mla_q")
-FFN_COLUMN_ROLES = ("gate", "up", "fc1", "gate_up")
 
 # ops that act on each token on its own when their dims are feature dims (checked per node)
 _IDENTITY_LIKE = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "contiguous", "clone", "detach", "dropout"}
@@ -69,10 +68,11 @@ class TokenSplitError(ValueError):
     """The token layout cannot be carried through an op (world_tp); the message names it."""
 
 
-def split_tokens(gm: fx.GraphModule, roles: dict[str, str], ctx: "RankContext", tokens: list[int] | None = None) -> dict[str, int]:
+def split_tokens(gm: fx.GraphModule, placements: list[Placement], ctx: "RankContext", tokens: list[int] | None = None) -> dict[str, int]:
     """Rewrite `gm`'s token layout for `ctx.ffn` ('sp' | 'world_tp'); returns counts of what was inserted.
+    `placements`: the plan (`Analysis.placements`), for each projection's role.
     `tokens` (world_tp): the tokens of every replica in this graph (its `replica_layout` marker)."""
-    return _Splitter(gm, roles, ctx, tokens).run()
+    return _Splitter(gm, {p.weight: p.role for p in placements}, ctx, tokens).run()
 
 
 def _name(node: fx.Node) -> str:

@@ -10,7 +10,7 @@ from cpcompile.tiny import tiny_model
 
 
 def _shards(arch, tp, cp, rank, combine="all_to_all"):
-    analysis = capture(tiny_model(arch), Options())
+    analysis = capture(tiny_model(arch), Options(tp=tp, cp=cp, combine=combine))  # planned for this mesh
     return shard_weights(analysis, RankContext(tp, cp, 1, combine, rank=rank))
 
 

@@ -34,14 +34,10 @@ def _rewritten(model, gm, dp, tp, cp, ffn, rank=0):
     return analysis, ctx
 
 
-def _roles(analysis):
-    return {p.weight: p.role for p in analysis.roles.projections}
-
-
 def test_sp_chunks_the_residual_stream():
     model, gm = hf_graph("llama", batch=3, prompt=5)  # T = 15 tokens, cp = 2: chunks of 8
     analysis, ctx = _rewritten(model, gm, 1, 1, 2, "sp", rank=1)
-    counts = split_tokens(gm, _roles(analysis), ctx)
+    counts = split_tokens(gm, analysis.placements, ctx)
     layers = model.config.num_hidden_layers
     assert counts == {"all_gather": layers + 1, "reduce_scatter": layers, "all_reduce": 0, "slices": 1}
     assert ffn_tokens(gm, analysis) == [8] * layers
@@ -59,7 +55,7 @@ def test_sp_chunks_the_residual_stream():
 def test_sp_tp2_sums_o_over_tp_after_the_reduce_scatter():
     model, gm = hf_graph("qwen3", batch=2, prompt=3)
     analysis, ctx = _rewritten(model, gm, 1, 2, 2, "sp", rank=3)
-    counts = split_tokens(gm, _roles(analysis), ctx)
+    counts = split_tokens(gm, analysis.placements, ctx)
     layers = model.config.num_hidden_layers
     assert counts["reduce_scatter"] == layers and counts["all_reduce"] == layers  # o's rest over tp
     reduces = [n.args[2] for n in gm.graph.nodes if n.target is torch.ops._c10d_functional.all_reduce.default]
@@ -70,7 +66,7 @@ def test_sp_tp2_sums_o_over_tp_after_the_reduce_scatter():
 def test_world_tp_gathers_every_replicas_tokens_around_the_ffn():
     model, gm = hf_graph("gpt_neox", batch=2, prompt=3)  # this replica: 6 tokens; the other: 4
     analysis, ctx = _rewritten(model, gm, 2, 1, 1, "world_tp", rank=0)
-    counts = split_tokens(gm, _roles(analysis), ctx, tokens=[6, 4])
+    counts = split_tokens(gm, analysis.placements, ctx, tokens=[6, 4])
     layers = model.config.num_hidden_layers
     assert counts == {"all_gather": layers, "reduce_scatter": layers, "all_reduce": 0, "slices": 0}
     assert ffn_tokens(gm, analysis) == [12] * layers  # 2 replicas x 6 (the largest)
@@ -88,7 +84,7 @@ def test_world_tp_refuses_a_token_mixing_op_inside_the_ffn(monkeypatch):
     model, gm = hf_graph("llama", batch=2, prompt=3)
     analysis, ctx = _rewritten(model, gm, 2, 1, 1, "world_tp", rank=1)
     with pytest.raises(TokenSplitError, match=r"ffn='world_tp': .*cumsum.* not a token-wise op"):
-        split_tokens(gm, _roles(analysis), ctx, tokens=[6, 6])
+        split_tokens(gm, analysis.placements, ctx, tokens=[6, 6])
 
 
 def test_sp_gathers_before_a_token_mixing_op(monkeypatch):
@@ -101,7 +97,7 @@ def test_sp_gathers_before_a_token_mixing_op(monkeypatch):
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", mixing_mlp)
     model, gm = hf_graph("llama", batch=2, prompt=3)
     analysis, ctx = _rewritten(model, gm, 1, 1, 2, "sp", rank=0)
-    counts = split_tokens(gm, _roles(analysis), ctx)
+    counts = split_tokens(gm, analysis.placements, ctx)
     layers = model.config.num_hidden_layers
     assert counts["all_gather"] == 2 * layers + 1
     for n in gm.graph.nodes:
