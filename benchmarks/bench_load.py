@@ -112,7 +112,7 @@ def run_rank(path: str, how: str, mesh: dict, lowering: str, new_tokens: int, ma
     out["weight_bytes"] = weight_bytes(model)
     st = model._cpcompile
     out["shard_bytes"] = sum(w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-                             for w, b in st.parallel.local.values())
+                             for w, b in st.weights.local.values())
     t1 = time.perf_counter()
     ids = model.generate(torch.tensor(PROMPT), attention_mask=torch.tensor(MASK), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)

@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 import transformers
 
-from cpcompile.distributed import RankInfo
+from cpcompile.distributed import RankContext
 from cpcompile.loading import empty_model
 from cpcompile.options import Options
-from cpcompile.parallelize import _meta_copy, capture
-from cpcompile.passes.plan import Mesh, MeshError, validate_mesh
+from cpcompile.parallelize import capture, meta_copy
+from cpcompile.passes.plan import Mesh, MeshError, plan
 from cpcompile.passes.shard_weights import shard_weights
 
 CONFIGS = {  # the published configs' shapes (bf16)
@@ -65,7 +66,7 @@ def rank_bytes(model, analysis, tp: int, cp: int, moe: str, rank: int) -> tuple[
     it holds beyond 1/(tp*cp) of them: Helix splits heads over tp only, so CP ranks repeat them, and
     a KV head is repeated on tp/Hkv ranks when tp > Hkv)."""
     params = dict(model.named_parameters())
-    shards = shard_weights(analysis, RankInfo(tp, cp, 1, rank), "all_to_all", "tp", "parallel", moe)
+    shards = shard_weights(analysis, RankContext(tp, cp, 1, "all_to_all", "tp", "parallel", moe, rank=rank))
     sharded = {n for s in shards.values() for n in (s.weight, s.bias) if n}
     replicated = sum(p.numel() * p.element_size() for n, p in params.items() if n not in sharded)
     held = replicated
@@ -96,15 +97,16 @@ def measure(name: str) -> list[dict]:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
     rows = []
-    analysis = capture(_meta_copy(model), Options())  # the roles do not depend on the mesh; the plan does
+    analysis = capture(meta_copy(model), Options())  # the roles do not depend on the mesh; the plan does
     for tp, cp, moe in MESHES:
-        try:
-            validate_mesh(analysis.roles, analysis.sites, Mesh(tp, cp, 1, moe=moe))
+        mesh = Mesh(tp, cp, 1, moe=moe)
+        try:  # the plan for this mesh (validated), on the one capture
+            planned = replace(analysis, placements=plan(analysis.roles, analysis.sites, mesh), mesh=mesh)
         except MeshError as e:
             first = str(e).splitlines()[1].strip()
             rows.append(dict(model=name, tp=tp, cp=cp, moe=moe, refused=first.split("]: ", 1)[-1] if "]: " in first else first))
             continue
-        per_rank = [rank_bytes(model, analysis, tp, cp, moe, r) for r in range(tp * cp)]
+        per_rank = [rank_bytes(model, planned, tp, cp, moe, r) for r in range(tp * cp)]
         held, replicated, attention_extra = max(per_rank)
         rows.append(dict(model=name, tp=tp, cp=cp, moe=moe, total_bytes=total, expert_bytes=experts,
                          max_rank_bytes=held, fraction=held / total, replicated_bytes=replicated,

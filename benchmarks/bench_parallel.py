@@ -494,7 +494,7 @@ def scheme_rank(a: dict, schemes: list, batches: list) -> dict:
             run.profile = profile_counts(prof, torch.finfo(torch.float32).bits // 8)
         for name, run in runs.items():
             layer0 = run.cache.layers[0]
-            info = run.model._cpcompile.rank
+            info = run.model._cpcompile.ctx
             out[(name, B)] = dict(
                 rank=rank,
                 dp_rank=info.dp_rank if info else 0,

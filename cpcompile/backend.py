@@ -10,14 +10,18 @@ string works right after `pip install`. Every graph Dynamo hands over goes throu
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import fx
 
 from cpcompile.options import Options
-from cpcompile.passes import Parallel, PassReport, run_passes
+from cpcompile.passes import PassReport, run_passes
+from cpcompile.passes.shard_weights import RankWeights
 from cpcompile.passes.find_projections import input_names
+
+if TYPE_CHECKING:
+    from cpcompile.distributed import RankContext
 
 _graph_ids = itertools.count()
 
@@ -28,21 +32,23 @@ class Backend:
     def __init__(
         self,
         options: Options | dict | None = None,
-        parallel: Parallel | None = None,
+        ctx: "RankContext | None" = None,
+        weights: RankWeights | None = None,
         params: Callable[[], dict[int, str]] | None = None,
         latents: dict | None = None,
     ):
         """`params()`: the model's parameter names by tensor identity, read at every compile
-        (`find_projections.param_names`); parallelize passes it, the backend string has none."""
+        (`find_projections.param_names`); parallelize passes it, the backend string has none.
+        `ctx`, `weights`: this rank and its shards (`parallelize`); None on one device."""
         self.options = options if isinstance(options, Options) else Options.from_dict(options)
         o = self.options
-        if o.tp * o.cp * o.dp != 1 and parallel is None:
+        if o.tp * o.cp * o.dp != 1 and ctx is None:
             raise ValueError(
                 f"cpcompile: tp={o.tp}, cp={o.cp}, dp={o.dp} through the backend string needs the weight shards "
                 "and process groups that cpcompile.parallelize(model, tp=..., cp=...) sets up; use parallelize "
                 "for a parallel model (the backend alone rewrites single-device graphs)."
             )
-        self.parallel = parallel
+        self.ctx, self.weights = ctx, weights
         self.params = params
         self.reports: list[PassReport] = []
         # layer -> MLA structure (absorb_latent.LatentKV): parallelize's capture, else the first graph;
@@ -51,7 +57,7 @@ class Backend:
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **_) -> Callable:
         names = input_names(gm, example_inputs, self.params()) if self.params else None
-        report = run_passes(gm, self.options, next(_graph_ids), self.parallel, names, self.latents)
+        report = run_passes(gm, self.options, next(_graph_ids), self.ctx, self.weights, names, self.latents)
         self.reports.append(report)
         if self.latents is None:
             self.latents = {s.index: s.latent for s in report.analysis.sites if s.latent is not None}

@@ -14,18 +14,30 @@ world = dp x tp x cp, CP innermost: rank = (dp_rank * tp + tp_rank) * cp + cp_ra
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 
+from cpcompile.passes.plan import Mesh
+
 
 @dataclass(frozen=True)
-class RankInfo:
-    tp: int
-    cp: int
-    dp: int
-    rank: int
+class RankContext(Mesh):
+    """One rank: the mesh it is part of (`Mesh`: tp, cp, dp, combine, ffn, vocab, moe), its place
+    in it, and the groups its collectives run over. Made once at `parallelize` (`rank_context`) and
+    read by every pass; `cpcompile.explain` makes one with stand-in group names."""
+
+    rank: int = 0  # global rank, `(dp_rank * tp + tp_rank) * cp + cp_rank`
+    kv_interleave: int = 1  # KV slots per run on one CP rank (DESIGN.md section 2)
+    mla_uv: str = "after"  # MLA: W_UV after the combine (this rank's heads) or before it (all heads)
+    group_names: dict = field(default_factory=dict, hash=False)  # group -> functional-collective group name
+    handles: dict = field(default_factory=dict, hash=False, compare=False, repr=False)  # group -> ProcessGroup
+
+    @property
+    def mesh(self) -> Mesh:
+        """The mesh alone (what the plan is made for)."""
+        return Mesh(*(getattr(self, f.name) for f in fields(Mesh)))
 
     @property
     def cp_rank(self) -> int:
@@ -40,7 +52,7 @@ class RankInfo:
         return self.rank // (self.cp * self.tp)
 
     def ranks(self, group: str) -> list[int]:
-        """Global ranks of this rank's `group` ('cp' | 'tp' | 'replica' | 'dp'), in group-rank order."""
+        """Global ranks of this rank's `group` ('cp' | 'tp' | 'replica' | 'dp' | 'world'), in group-rank order."""
         base = lambda d, t, c: (d * self.tp + t) * self.cp + c
         d, t, c = self.dp_rank, self.tp_rank, self.cp_rank
         if group == "cp":
@@ -55,19 +67,20 @@ class RankInfo:
             return list(range(self.dp * self.tp * self.cp))
         raise ValueError(f"unknown group {group!r}")
 
-
-@dataclass
-class Groups:
-    """This rank's process groups; `name(g)` is what functional collectives take."""
-
-    info: RankInfo
-    handles: dict
+    def group_rank(self, group: str) -> int:
+        """This rank's index in `group` (the order `ranks` lists it)."""
+        return self.ranks(group).index(self.rank)
 
     def name(self, group: str) -> str:
-        return self.handles[group].group_name
+        """`group`'s name, as functional collectives take it."""
+        return self.group_names[group]
 
-    def size(self, group: str) -> int:
-        return len(self.info.ranks(group))
+    @classmethod
+    def of(cls, options, rank: int = 0, group_names: dict | None = None, handles: dict | None = None) -> "RankContext":
+        """The context of global `rank` under `options` (cpcompile.options.Options)."""
+        o = options
+        return cls(o.tp, o.cp, o.dp, o.combine, o.ffn, o.vocab, o.moe, rank, o.kv_interleave, o.mla_uv,
+                   dict(group_names or {}), dict(handles or {}))
 
 
 # Subgroups already made in this process, by (default group, ranks): every `parallelize` in one
@@ -86,11 +99,13 @@ def _subgroup(ranks: tuple[int, ...]):
     return _SUBGROUPS[key][1]
 
 
-def init_groups(tp: int, cp: int, dp: int, device: torch.device) -> Groups:
-    """Initialise the default group if needed (torchrun's env vars) and build this rank's groups.
+def rank_context(options, device: torch.device) -> RankContext:
+    """Initialise the default group if needed (torchrun's env vars), build this rank's groups and
+    return its context (`options`: cpcompile.options.Options).
 
     Every rank creates every subgroup in the same order, as `dist.new_group` requires.
     """
+    tp, cp, dp = options.tp, options.cp, options.dp
     world = tp * cp * dp
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
@@ -105,19 +120,19 @@ def init_groups(tp: int, cp: int, dp: int, device: torch.device) -> Groups:
             f"cpcompile: the process group has {dist.get_world_size()} ranks but dp*tp*cp = {dp}*{tp}*{cp} = {world}; "
             "they must be equal"
         )
-    me = RankInfo(tp, cp, dp, dist.get_rank())
+    me = dist.get_rank()
     handles = {}
     for kind in ("cp", "tp", "replica", "dp"):
         mine = None
         seen = set()
         for r in range(world):  # enumerate every group of this kind, identically on all ranks
-            ranks = tuple(RankInfo(tp, cp, dp, r).ranks(kind))
+            ranks = tuple(RankContext(tp, cp, dp, rank=r).ranks(kind))
             if ranks in seen:
                 continue
             seen.add(ranks)
             g = _subgroup(ranks)
-            if me.rank in ranks:
+            if me in ranks:
                 mine = g
         handles[kind] = mine
     handles["world"] = dist.group.WORLD
-    return Groups(me, handles)
+    return RankContext.of(options, me, {k: h.group_name for k, h in handles.items()}, handles)

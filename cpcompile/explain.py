@@ -10,23 +10,32 @@ moves); anything the passes did not understand; whether the mesh fits (if not, t
 `parallelize` would raise, with the (tp, cp) that do fit). An attention cpcompile cannot
 rewrite raises `AttentionError` here, as it would at compile time.
 
-The collectives are read off the plan (placements per role and the combine), not off a compiled
-graph; tests/test_cli_generate.py checks them against the pass report of a real decode step.
+The collectives are not predicted: explain runs the real passes (`run_passes`, every pass in its
+order) on the graph of one decode step, as `parallelize`'s serving engine traces it (one row per
+replica), for rank 0 under a stand-in rank context (group names "explain_tp", ...; the local
+weights sliced from the model's, on meta for an empty model), and reads the collective nodes off
+the rewritten graph: kind, group (from the group name), what they move and their layer (from the
+linear or embedding they reduce or feed, else the module of the nearest node Dynamo traced). Every rank
+inserts the same collectives (the plan and the passes are the same on every rank; only which
+columns and slots it holds differ), so rank 0 stands for all.
+The rewritten graph's counts (`count_collectives`, `collective_bytes`, local_layouts' `local_*`)
+and the nodes local_layouts kept at full width are printed too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from cpcompile.options import COMBINES, FFNS, Options
-from cpcompile.passes import Analysis
-from cpcompile.passes.plan import FFN_ROLES, Mesh, MeshError, _problems, placement_for, valid_meshes, validate_mesh
+from cpcompile.options import COMBINES, FFNS, MOES, Options
+from cpcompile.passes import COLLECTIVES, Analysis, PassReport
+from cpcompile.passes.find_projections import is_embedding, is_grouped_mm
+from cpcompile.passes.plan import Mesh, MeshError, placements, plan_problems, valid_meshes, validate_mesh
 
-# as split_tokens.ATTENTION_INPUT_ROLES: the projections that need every token of the replica
-_ATTENTION_INPUTS = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down", "mla_q")
-_ROW_FFN = ("down", "fc2", "shared_down")
+GROUPS = ("tp", "cp", "dp", "replica", "world")
+_NAMES = {g: f"explain_{g}" for g in GROUPS}  # the stand-in group names explain's rank context carries
 
 
 @dataclass(frozen=True)
@@ -62,43 +71,6 @@ def token_layout(mesh: Mesh) -> str:
     return f"{rows}ffn='{mesh.ffn}'{same}: every rank of a replica holds all its tokens; FFN tensor-parallel over the replica's tp*cp={mesh.replica} ranks"
 
 
-def layer_collectives(roles: set[str], has_attention: bool, mesh: Mesh, latent: bool = False, mla_uv: str = "after") -> list[Collective]:
-    """The collectives one decoder layer with these projection roles inserts per forward, in order.
-    `latent`: an MLA layer, whose latent slots are split over the whole replica, so its combine runs
-    over the replica's tp*cp ranks (Helix's KV parallelism) rather than the cp group."""
-    out: list[Collective] = []
-    sp = mesh.ffn == "sp" and mesh.cp > 1
-    world_tp = mesh.ffn == "world_tp" and mesh.dp > 1
-    if sp and roles & set(_ATTENTION_INPUTS):
-        out.append(Collective("all_gather", "cp", "the normed token chunks before q/k/v: attention needs every token of the replica"))
-    group, n = ("replica", mesh.replica) if latent else ("cp", mesh.cp)
-    what = ("partial o and lse" if not latent else "latent o (kv_lora_rank wide) and lse" if mla_uv == "after"
-            else "o up-projected by W_UV (v_head_dim wide) and lse")
-    if has_attention and n > 1:
-        if mesh.combine == "all_to_all":
-            out.append(Collective("all_to_all", group, f"{what}, 1/{group} of the heads to each rank (Helix combine)"))
-        elif mesh.combine == "ag_rs":
-            out.append(Collective("all_gather", group, f"lse of every {group} rank (DCP combine)"))
-            out.append(Collective("reduce_scatter", group, f"the rescaled {what.replace(' and lse', '')}, 1/{group} of the heads to each rank"))
-        else:
-            out.append(Collective("all_gather", group, f"{what} of every {group} rank (each merges all heads)"))
-    if "o" in roles:
-        out += _row("o", "o_proj", mesh, reshard=sp)
-    if sp and "expert_down" in roles:
-        out.append(Collective("all_gather", "cp", "the MoE block's input token chunks: routing and the grouped matmuls are not token-wise"))
-    if world_tp and roles & set(FFN_ROLES):
-        out.append(Collective("all_gather", "dp", "the FFN input: the tokens of every replica, each padded to the largest"))
-    expert = placement_for("expert_down", mesh)
-    routed = "expert_down" in roles and expert != "replicate"
-    for role in _ROW_FFN:
-        if role in roles and not (role == "shared_down" and routed):  # merged into the experts' (shard_experts.py)
-            out += _row(role, role, mesh, reshard=world_tp)
-    if routed:
-        shared = " + the shared expert's" if "shared_down" in roles else ""
-        out.append(Collective("all_reduce", expert.split("/")[-1], f"the routed experts' partial outputs{shared}, after the top-k combine"))
-    return out
-
-
 def latent_layout(site, mesh: Mesh, mla_uv: str = "after") -> str:
     """Where an MLA layer's latent and heads live under `mesh` (absorb_latent.py), in one line."""
     lat, n = site.latent, mesh.replica
@@ -107,48 +79,6 @@ def latent_layout(site, mesh: Mesh, mla_uv: str = "after") -> str:
           or n == 1 else f"it up-projects all {lat.heads} heads through W_UV ({lat.rank} -> {lat.dv}) before the combine, then holds {held}")
     return (f"latent slots over the replica's tp*cp={n} ranks ({lat.rank + lat.rope} values per token, 1/{n} of them here); "
             f"every rank forms all {lat.heads} absorbed queries (mla_q, kv_b replicated) and attends its slots; {uv} and feeds o_proj")
-
-
-def _row(role: str, name: str, mesh: Mesh, reshard: bool) -> list[Collective]:
-    """A row-parallel projection's partial sums: an all-reduce over its group, or the reduce-scatter
-    split_tokens puts in its place (o under sp, down under world_tp)."""
-    placement = placement_for(role, mesh)
-    if placement == "replicate":
-        return []
-    group = placement.split("/")[-1]
-    if reshard and role == "o" and group == "replica":
-        out = [Collective("reduce_scatter", "cp", f"{name} partial sums, leaving each CP rank its token chunk")]
-        if mesh.tp > 1:
-            out.append(Collective("all_reduce", "tp", f"{name} partial sums over the tp ranks"))
-        return out
-    if reshard and group == "world":
-        out = [Collective("reduce_scatter", "dp", f"{name} partial sums, each replica taking back its own tokens")]
-        if mesh.replica > 1:
-            out.append(Collective("all_reduce", "replica", f"{name} partial sums over the replica's tp*cp ranks"))
-        return out
-    return [Collective("all_reduce", group, f"{name} partial sums")]
-
-
-def forward_collectives(mesh: Mesh, roles: set[str] = frozenset()) -> list[Collective]:
-    """The collectives outside the decoder layers, per forward, for the outside-layer `roles` the
-    model has (embedding, lm_head); dp_inputs='global' adds the last."""
-    out = []
-    sp = mesh.ffn == "sp" and mesh.cp > 1
-    vocab = lambda role: role in roles and placement_for(role, mesh) != "replicate"
-    if vocab("embedding"):
-        if sp:
-            out.append(Collective("reduce_scatter", "cp", "the vocab-parallel embedding's lookups, leaving each CP rank its token chunk"))
-            if mesh.tp > 1:
-                out.append(Collective("all_reduce", "tp", "the embedding's lookups over the tp ranks"))
-        else:
-            out.append(Collective("all_reduce", "replica", "the vocab-parallel embedding: each rank's masked lookup into its rows"))
-    if sp:
-        out.append(Collective("all_gather", "cp", "the final token chunks before the LM head"))
-    if vocab("lm_head"):
-        out.append(Collective("all_gather", "replica", "the LM head's logits, 1/(tp*cp) of the vocab from each rank"))
-    if mesh.dp > 1:
-        out.append(Collective("all_gather", "dp", "the logits of every replica, with dp_inputs='global' only"))
-    return out
 
 
 @dataclass
@@ -162,6 +92,12 @@ class Explanation:
     error: str = ""
     """The MeshError message `parallelize` would raise for this mesh ('' when it fits)."""
     mla_uv: str = "after"
+    report: PassReport | None = None
+    """The passes' report on rank 0's decode-step graph (None when the mesh does not fit)."""
+    collectives: list[tuple[int | None, Collective]] = field(default_factory=list)
+    """Every collective of that graph, in graph order, with its layer (None: outside the layers)."""
+    kept_full: list[str] = field(default_factory=list)
+    """The nodes local_layouts kept at full width (`gm.meta["cpcompile_kept_full"]`)."""
 
     @property
     def ok(self) -> bool:
@@ -169,15 +105,15 @@ class Explanation:
 
     def layer_collectives(self) -> dict[int, list[Collective]]:
         """layer -> the collectives it inserts per forward under this mesh."""
-        out = {}
-        for site in self.analysis.sites:
-            roles = {p.role for p in self.analysis.roles.by_layer(site.index)}
-            out[site.index] = layer_collectives(roles, True, self.mesh, site.latent is not None, self.mla_uv)
+        out = {site.index: [] for site in self.analysis.sites}
+        for layer, c in self.collectives:
+            if layer is not None:
+                out.setdefault(layer, []).append(c)
         return out
 
     def forward_collectives(self) -> list[Collective]:
         """The collectives outside the layers per forward (the embedding's, the LM head's, the logits')."""
-        return forward_collectives(self.mesh, {p.role for p in self.analysis.roles.projections if p.layer < 0})
+        return [c for layer, c in self.collectives if layer is None]
 
     def __str__(self) -> str:
         m = self.mesh
@@ -187,6 +123,7 @@ class Explanation:
             + (f", vocab={m.vocab}" if m.vocab != "parallel" else "") + (f", moe={m.moe}" if m.moe != "tp" else "") + ")"
         ]
         projections = self.analysis.roles.projections
+        placed = {pl.weight: pl for pl in self.analysis.placements}
         width = max((len(p.weight) for p in projections), default=10)
         for site in self.analysis.sites:
             lines.append(f"layer {site.index}: {site.describe()}")
@@ -195,9 +132,9 @@ class Explanation:
             for p in (p for p in projections if p.layer == site.index):
                 shape = f"[{p.out_features}, {p.in_features}]"
                 shape = f"[{p.experts} x {p.out_features}, {p.in_features}]" if p.experts else shape
-                lines.append(f"    {p.role:<11} {p.weight:<{width}} {shape:<16} {placement_for(p.role, m)}")
+                lines.append(f"    {p.role:<11} {p.weight:<{width}} {shape:<16} {placed[p.weight]}")
         for p in (p for p in projections if p.layer < 0):
-            lines.append(f"outside layers: {p.role} {p.weight} [{p.out_features}, {p.in_features}] {placement_for(p.role, m)}")
+            lines.append(f"outside layers: {p.role} {p.weight} [{p.out_features}, {p.in_features}] {placed[p.weight]}")
         lines.append("not understood: " + ("nothing" if not self.analysis.notes else ""))
         lines += [f"    {n}" for n in self.analysis.notes]
         if not self.ok:
@@ -207,6 +144,16 @@ class Explanation:
         lines.append("mesh fits")
         lines.append(f"tokens: {token_layout(m)}")
         lines += _collective_lines(self.layer_collectives(), self.forward_collectives())
+        counts = self.report.counts
+        kinds = ("all_reduce", "all_to_all", "all_gather", "reduce_scatter")
+        lines.append("one decode step on rank 0 (one row per replica), read off the rewritten graph: collectives "
+                     + ", ".join(f"{k} {counts['collectives'][k]}" for k in kinds) + "; bytes sent "
+                     + ", ".join(f"{k} {counts['collective_bytes'][k]}" for k in kinds))
+        if "local_seeds" in counts:
+            lines.append("local layouts (local_layouts): " + ", ".join(
+                f"{k} {counts['local_' + k]}" for k in ("seeds", "local", "ends", "statistics", "kept_full")))
+        lines.append("kept at full width: " + ("none" if not self.kept_full else ""))
+        lines += [f"    {k}" for k in self.kept_full]
         lines.append(f"valid (tp, cp) with combine={m.combine}, dp={m.dp}, ffn={m.ffn}: {self.valid}")
         return "\n".join(lines)
 
@@ -225,6 +172,147 @@ def _collective_lines(per_layer: dict[int, list[Collective]], per_forward: list[
     return lines
 
 
+def graph_collectives(gm, analysis: Analysis) -> list[tuple[int | None, Collective]]:
+    """The collective nodes of a graph the passes rewrote under explain's rank context, in graph order:
+    (layer or None for outside the layers, Collective). The layer is that of the projection the
+    collective reduces or feeds (`_what`); for the others (the attention's combine, a norm's statistic)
+    the decoder layer of the traced node nearest before it (a statistic: after it, the norm it is for),
+    read off its module path."""
+    ops = torch.ops._c10d_functional
+    kinds = {getattr(ops, op).default: kind for kind, op in COLLECTIVES.items()}
+    groups = {name: g for g, name in _NAMES.items()}
+    roles = {p.weight: p.role for p in analysis.roles.projections}
+    layer_of = {p.weight: p.layer if p.layer >= 0 else None for p in analysis.roles.projections}
+    site_of = {}  # module index -> attention site (the same number for every standard decoder)
+    for p in analysis.roles.projections:
+        i = _module_index(p.weight)
+        if p.layer >= 0 and i is not None:
+            site_of.setdefault(i, p.layer)
+    nodes = list(gm.graph.nodes)
+    traced: list = [None] * len(nodes)  # per node: its decoder layer if Dynamo traced it in a module, else "?"
+    for k, n in enumerate(nodes):
+        stack = n.meta.get("nn_module_stack")
+        i = _module_index(list(stack.values())[-1][0]) if stack else "?"
+        traced[k] = "?" if i == "?" else site_of.get(i, i) if i is not None else None
+    out = []
+    for k, n in enumerate(nodes):
+        if n.op != "call_function" or n.target not in kinds:
+            continue
+        kind = kinds[n.target]
+        group = groups.get(n.args[-1], str(n.args[-1]))
+        what, weight, after = _what(n, kind, group, roles)
+        if weight is not None:
+            layer = layer_of.get(weight)
+        else:
+            near = traced[k + 1:] if after else traced[k - 1::-1] if k else []
+            layer = next((t for t in near if t != "?"), None)
+        out.append((layer, Collective(kind, group, what)))
+    return out
+
+
+def _module_index(path: str) -> int | None:
+    """12 for 'model.layers.12.self_attn' (or 'L['self'].model.layers.12'): the decoder layer of a module path."""
+    m = re.search(r"\.(\d+)(?:\.|$)", path)
+    return int(m.group(1)) if m else None
+
+
+_VIEWS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "permute", "contiguous", "pad", "getitem",
+          "to", "clone", "index_select", "wait_tensor", "expand", "cat")
+
+
+def _what(n, kind: str, group: str, roles: dict[str, str]) -> tuple[str, str | None, bool]:
+    """What a collective moves, read off the graph: the node it reduces or exchanges (a linear's partial
+    sums, the attention's partial outputs, an embedding's lookups, a norm's statistic), or for a gather
+    of activations, the linear it feeds. Returns (what, the parameter of that linear or embedding or
+    None, whether the collective belongs to the traced code after it rather than before)."""
+    src = _source(n)
+    weight = src.meta.get("cpcompile_weight") if src is not None else None
+    if src is not None and src.target is torch.ops.cpcompile.attention_with_lse.default:
+        return {"all_to_all": f"partial o and lse, 1/{group} of the heads to each rank (Helix combine)",
+                "reduce_scatter": f"the rescaled partial o, 1/{group} of the heads to each rank (DCP combine)"}.get(
+            kind, f"partial o and lse of every {group} rank (the CP combine)"), None, False
+    if kind == "all_gather":
+        near = _view_source(n.args[0]).meta.get("cpcompile_weight")
+        if near in roles:
+            return f"the {roles[near]} output, 1/{group} of it from each rank", near, False
+        user = _user(n)
+        if user is None or user.op == "output":
+            return f"the outputs (logits) of every {group} rank", "", False
+        used = user.meta.get("cpcompile_weight")
+        return f"the input of {roles.get(used, _op(user))}: every token of the {group} group", used, False
+    if kind == "all_reduce" and _reaches(n, is_grouped_mm):  # shard_experts: one all-reduce after the top-k combine
+        shared = " + the shared expert's" if roles.get(weight) == "shared_down" else ""
+        return f"the routed experts' partial outputs{shared}, after the top-k combine", None, False
+    if weight in roles:
+        return (f"{roles[weight]} partial sums" + (f", each {group} rank keeping its share of the tokens"
+                                                   if kind == "reduce_scatter" else "")), weight, False
+    if src is not None and is_embedding(src):
+        return (f"embedding partial sums" + (f", each {group} rank keeping its share of the tokens"
+                                              if kind == "reduce_scatter" else "")), "", False
+    if src is not None and _op(src) == "sum":
+        return "a norm's statistic over a sharded width (local_layouts)", None, True
+    return (_op(src) if src is not None else "?"), None, False
+
+
+def _source(n, depth: int = 10):
+    """The nearest node before collective `n` that names what it moves: an attention, a linear (its
+    weight), an embedding lookup or a sum; breadth first over the inputs."""
+    seen, frontier = set(), [a for a in n.all_input_nodes]
+    for _ in range(depth):
+        nxt = []
+        for x in frontier:
+            if x in seen:
+                continue
+            seen.add(x)
+            if (x.target is torch.ops.cpcompile.attention_with_lse.default or x.meta.get("cpcompile_weight")
+                    or is_embedding(x) or x.op == "call_function" and _op(x) == "sum"):
+                return x
+            nxt += x.all_input_nodes
+        frontier = nxt
+    return None
+
+
+def _reaches(n, pred, depth: int = 16) -> bool:
+    """Whether a node within `depth` inputs before `n` satisfies `pred`."""
+    seen, frontier = set(), list(n.all_input_nodes)
+    for _ in range(depth):
+        nxt = []
+        for x in frontier:
+            if x not in seen:
+                seen.add(x)
+                if pred(x):
+                    return True
+                nxt += x.all_input_nodes
+        frontier = nxt
+    return False
+
+
+def _view_source(x):
+    """`x` before any views, pads and casts."""
+    while x.op == "call_function" and _op(x) in _VIEWS and x.all_input_nodes:
+        x = x.all_input_nodes[0]
+    return x
+
+
+def _user(n, depth: int = 12):
+    """The first linear (or the graph's output) that reads what collective `n` gathered."""
+    x = n
+    for _ in range(depth):
+        users = list(x.users)
+        if not users:
+            return None
+        x = users[0]
+        if x.op == "output" or x.meta.get("cpcompile_weight"):
+            return x
+    return None
+
+
+def _op(n) -> str:
+    t = n.target
+    name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    return name.split(".")[0].strip("_")
+
+
 def explain(
     model: torch.nn.Module,
     *,
@@ -239,7 +327,7 @@ def explain(
     mla_uv: str = "after",
 ) -> Explanation:
     from cpcompile.loading import meta_parameters
-    from cpcompile.parallelize import _meta_copy, capture
+    from cpcompile.parallelize import capture, meta_copy
 
     if getattr(model, "_cpcompile", None) is not None:
         raise ValueError(
@@ -247,10 +335,11 @@ def explain(
             "cpcompile.explain on the model before cpcompile.parallelize"
         )
     mesh = Mesh(tp, cp, dp, combine, ffn, vocab, moe)
-    # analysed at tp = cp = 1: explain reports mesh problems, never raises on them. An empty model
+    # analysed at tp = cp = 1 first: explain reports mesh problems, never raises on them. An empty model
     # (cpcompile.empty_model: parameters on meta) is traced on a meta copy, as parallelize does.
-    analysis = capture(_meta_copy(model) if meta_parameters(model) else model, Options())
-    problems = _problems(analysis.roles, analysis.sites, mesh)
+    traced = meta_copy(model) if meta_parameters(model) else model
+    analysis = capture(traced, Options())
+    problems = plan_problems(analysis.roles, analysis.sites, mesh)
     error = ""
     try:
         validate_mesh(analysis.roles, analysis.sites, mesh)
@@ -259,6 +348,34 @@ def explain(
     # the same list MeshError gives (invalid settings fall back to the defaults there too)
     valid = valid_meshes(
         analysis.roles, analysis.sites, max(16, mesh.world), combine if combine in COMBINES else "all_to_all",
-        max(dp, 1), ffn if ffn in FFNS else "tp", moe if moe in ("tp", "ep") else "tp",
+        max(dp, 1), ffn if ffn in FFNS else "tp", moe if moe in MOES else "tp",
     )
-    return Explanation(type(model).__name__, mesh, kv_interleave, analysis, problems, valid, error, mla_uv)
+    # the plan at this mesh (roles and sites do not depend on it), unvalidated where it does not fit
+    planned = replace(analysis, placements=placements(analysis.roles, mesh), mesh=mesh)
+    out = Explanation(type(model).__name__, mesh, kv_interleave, planned, problems, valid, error, mla_uv)
+    if not problems:
+        options = Options(tp=tp, cp=cp, dp=dp, combine=combine, ffn=ffn, kv_interleave=kv_interleave, vocab=vocab, moe=moe,
+                          mla_uv=mla_uv)
+        out.report, gm = _run_passes(traced, options, planned)
+        out.collectives = graph_collectives(gm, planned)
+        out.kept_full = list(gm.meta.get("cpcompile_kept_full", []))
+    return out
+
+
+def _run_passes(model, options: Options, analysis: Analysis):
+    """(report, rewritten graph) of rank 0's decode step under `options` (module docstring)."""
+    from cpcompile.distributed import RankContext
+    from cpcompile.parallelize import trace_passes
+    from cpcompile.passes.shard_weights import RankWeights, local_tensors, shard_weights
+
+    ctx, weights = None, None
+    if options.tp * options.cp * options.dp > 1:
+        ctx = RankContext.of(options, 0, _NAMES)
+        shards = shard_weights(analysis, ctx)
+        params = dict(model.named_parameters())
+        local = {}
+        for name, shard in shards.items():
+            bias = params[shard.bias].detach() if shard.bias and shard.bias in params else None
+            local[name] = local_tensors(shard, params[name].detach(), bias)
+        weights = RankWeights(shards, local)
+    return trace_passes(model, options, analysis, ctx, weights)

@@ -53,7 +53,7 @@ def agreeing_group(state):
     if o.dp == 1 or o.dp_inputs == "global":
         return None, 0
     if o.tp * o.cp > 1:
-        return state.groups.handles["replica"], state.rank.ranks("replica")[0]
+        return state.ctx.handles["replica"], state.ctx.ranks("replica")[0]
     return None
 
 

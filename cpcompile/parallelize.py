@@ -34,14 +34,14 @@ from cpcompile.cache import KVCache, kv_shapes
 from cpcompile.data_parallel import REPLICA_LAYOUT
 from cpcompile.lockstep import check_same_inputs, lockstep_generate
 from cpcompile.options import Options
-from cpcompile.passes import Analysis, analyze
+from cpcompile.passes import Analysis, PassReport, analyze, run_passes
 from cpcompile.passes.find_projections import input_names, param_names
 from cpcompile.serving import Engine, check_serving, graph_bound
 from cpcompile import verify as verification
 
 if TYPE_CHECKING:
-    from cpcompile.distributed import Groups, RankInfo
-    from cpcompile.passes import Parallel
+    from cpcompile.distributed import RankContext
+    from cpcompile.passes.shard_weights import RankWeights
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_PREFILL_CHUNK = 256
@@ -59,9 +59,8 @@ class ParallelState:
     kv_shapes: list  # per layer (Hkv, Dk, Dv, dtype), see cpcompile.cache.kv_shapes
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     max_batch: int = DEFAULT_MAX_BATCH
-    rank: "RankInfo | None" = None
-    parallel: "Parallel | None" = None
-    groups: "Groups | None" = None
+    ctx: "RankContext | None" = None  # this rank and its process groups (None on one device)
+    weights: "RankWeights | None" = None  # this rank's weight shards and local copies
     engine: "Engine | None" = None
     verification: dict | None = None  # the largest logit error per step of the self-verification probe
     checkpoint: "object | None" = None  # the cpcompile.loading.Checkpoint the weights were read from (bytes_read)
@@ -84,14 +83,14 @@ class ParallelState:
         if o.dp == 1 or o.dp_inputs == "global":
             check_same_inputs(ref, None, position, logits_to_keep)
         elif o.tp * o.cp > 1:
-            check_same_inputs(ref, self.groups.handles["replica"], position, logits_to_keep)
+            check_same_inputs(ref, self.ctx.handles["replica"], position, logits_to_keep)
 
 
 class CaptureError(ValueError):
     """The model's forward cannot be traced the way cpcompile needs (one graph over a static cache)."""
 
 
-def _user_frame(e: BaseException) -> str:
+def user_frame(e: BaseException) -> str:
     """'(at modeling_gpt_neo.py:121 in _attn: `...`)': the innermost model frame Dynamo's message
     quotes ("from user code"), or '' if it quotes none."""
     from cpcompile.passes._fx import last_frame
@@ -100,7 +99,7 @@ def _user_frame(e: BaseException) -> str:
     return f"(at {frame})" if frame else ""
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
 
@@ -116,11 +115,64 @@ def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prom
 
     cache = KVCache(_num_layers(model), max_length).allocate(model, 1)
     ids = torch.ones(1, prompt_length, dtype=torch.long, device=_device(model))
-    fn = torch.compile(model.forward, backend=analysing_backend, fullgraph=True, dynamic=False)
+    _trace(model, model.forward, analysing_backend, holder,
+           dict(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_arg(model): cache}, use_cache=True))
+    return holder[0]
+
+
+def trace_passes(model: torch.nn.Module, options: Options, analysis: Analysis, ctx: "RankContext | None",
+                 weights: "RankWeights | None", max_length: int = 64) -> tuple[PassReport, torch.fx.GraphModule]:
+    """Run every pass, for the rank `ctx`, on the graph of one decode step (one row per replica, the
+    first token of a cache of `max_length`) as the serving engine calls it: the cache of this rank's
+    slots, the replica layout under dp > 1. The graph is rewritten, never run (`cpcompile.explain`).
+    `analysis`: `capture`'s, at `options`' mesh."""
+    from cpcompile.passes.absorb_latent import latent_layers
+
+    params = param_names(model)
+    holder: list = []
+    latents = {s.index: s.latent for s in analysis.sites if s.latent is not None}
+
+    def passes_backend(gm, example_inputs, **_):
+        holder.append((run_passes(gm, options, 0, ctx, weights, input_names(gm, example_inputs, params), latents), gm))
+        return _stop
+
+    device = _device(model)
+    cache = KVCache(_num_layers(model), max_length, cp=options.cp, cp_rank=ctx.cp_rank if ctx else 0,
+                    kv_interleave=options.kv_interleave, tp=options.tp, tp_rank=ctx.tp_rank if ctx else 0,
+                    latent=latent_layers(analysis.sites))  # as the serving engine allocates it (serving.py)
+    cache.allocate_shapes(kv_shapes(model), 1, device)
+    ids = torch.ones(1, 1, dtype=torch.long, device=device)
+    mask = torch.zeros(1, cache.max_length, dtype=torch.long, device=device)
+    mask[:, 0] = 1
+    kwargs = dict(attention_mask=mask, **{cache_arg(model): cache}, use_cache=True)
+    params_in = set(forward_parameters(model))
+    if "position_ids" in params_in:
+        kwargs["position_ids"] = torch.zeros(1, 1, dtype=torch.long, device=device)
+    if "logits_to_keep" in params_in:
+        kwargs["logits_to_keep"] = 1
+    model_forward = model.forward
+
+    def step(input_ids, **kw):
+        if options.dp > 1:  # every replica's rows and tokens, as the engine marks them (data_parallel.py)
+            input_ids = REPLICA_LAYOUT(input_ids, [1] * options.dp, [1] * options.dp)
+        return model_forward(input_ids=input_ids, **kw)
+
+    _trace(model, step, passes_backend, holder, dict(input_ids=ids, **kwargs))
+    return holder[0]
+
+
+def _stop(*args):
+    raise RuntimeError("cpcompile: a graph traced for its passes only is never run")
+
+
+def _trace(model, forward, backend, holder: list, kwargs: dict) -> None:
+    """Compile `forward` with `backend` and call it once with `kwargs`: the backend sees the one graph
+    and appends what it learns to `holder`. A refusal by the passes is raised as such."""
+    fn = torch.compile(forward, backend=backend, fullgraph=True, dynamic=False)
     try:
         with torch.no_grad():
             try:
-                fn(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_arg(model): cache}, use_cache=True)
+                fn(**kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 # our own analysis refused the model (MeshError / AttentionError): raise that, unwrapped
                 raise e.inner_exception from None
@@ -129,13 +181,12 @@ def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prom
                     raise CaptureError(
                         f"cpcompile: {type(model).__name__}.forward could not be traced as one graph over cpcompile's "
                         f"preallocated KV cache (torch.compile fullgraph=True, static shapes): "
-                        f"{type(e).__name__}: {_first_line(e)}\ncpcompile needs the whole forward in one graph reading a "
+                        f"{type(e).__name__}: {first_line(e)}\ncpcompile needs the whole forward in one graph reading a "
                         "static cache; this model's code does not allow it (for example it sizes a bias by the cache's "
                         "length, as ALiBi does, or keeps a recurrent state beside the KV cache). Run it without cpcompile."
                     ) from e
     finally:
         torch._dynamo.reset()
-    return holder[0]
 
 
 def parallelize(
@@ -195,7 +246,7 @@ def parallelize(
     check_serving(prefill_chunk, max_batch)
     ckpt, device = _checkpoint_source(model, checkpoint, device)
     model.eval()
-    traced = _meta_copy(model) if ckpt is not None else model  # the graph does not depend on weight values
+    traced = meta_copy(model) if ckpt is not None else model  # the graph does not depend on weight values
     try:
         analysis = capture(traced, options)  # validates the mesh; raises MeshError / AttentionError
         shapes = kv_shapes(traced)
@@ -204,7 +255,7 @@ def parallelize(
             raise
         raise CaptureError(
             f"cpcompile: {type(model).__name__} could not run on the meta device (no weights), which loading from "
-            f"checkpoint= needs to trace it: {type(e).__name__}: {_first_line(e)}. Some kernels check what only real "
+            f"checkpoint= needs to trace it: {type(e).__name__}: {first_line(e)}. Some kernels check what only real "
             "devices need (for example grouped_mm's meta kernel accepts bf16 only: load with dtype=torch.bfloat16), or "
             "load the model whole and call cpcompile.parallelize(model)."
         ) from e
@@ -216,17 +267,16 @@ def parallelize(
     if verify and ckpt is not None:  # before any weight is read: a plan that is wrong fails fast
         twin_report = _verify_twin(model, analysis, options, min(max_length, 256), prefill_chunk, max_batch, device)
     del traced
-    parallel, groups = None, None
+    ctx, weights = None, None
     if dp * tp * cp > 1:
-        parallel, groups = _shard_model(model, analysis, options, ckpt, device)
+        ctx, weights = _shard_model(model, analysis, options, ckpt, device)
     if ckpt is not None:
         from cpcompile.loading import load_replicated
 
         load_replicated(model, ckpt, device)
-    backend = Backend(options, parallel, params=lambda: param_names(model),
+    backend = Backend(options, ctx, weights, params=lambda: param_names(model),
                       latents={s.index: s.latent for s in analysis.sites if s.latent is not None})
-    state = ParallelState(options, max_length, analysis, backend, shapes, prefill_chunk, max_batch,
-                          groups.info if groups else None, parallel, groups)
+    state = ParallelState(options, max_length, analysis, backend, shapes, prefill_chunk, max_batch, ctx, weights)
     model_forward = model.forward
 
     def step(*args, replica_layout=None, **kwargs):
@@ -249,7 +299,7 @@ def parallelize(
 
     model._cpcompile_forward = model_forward
     model.forward = forward
-    if state.rank is not None:
+    if state.ctx is not None:
         model.generate = lockstep_generate(model, state, model.generate)
     model._cpcompile = state
     model.generation_config.disable_compile = True
@@ -297,7 +347,7 @@ def _checkpoint_source(model, checkpoint, device):
     return ckpt, torch.device(device) if device is not None else default_device()
 
 
-def _meta_copy(model):
+def meta_copy(model):
     """A copy of an empty model (parameters on meta) with its buffers on meta too, for capture."""
     import copy
 
@@ -341,19 +391,16 @@ def _cannot_locate(o: Options) -> str | None:
 
 
 def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=None):
-    """Decide this rank's weight shards, keep its local copies, and replace the model's full
+    """This rank's context and weights: decide its weight shards, keep its local copies, and replace the model's full
     parameters for them by zero-storage stand-ins of the full shape (Dynamo then traces the
     single-device shapes; the graph reads the local copies). With `ckpt` the local copies are read
     from the checkpoint's files onto `device` (the model's parameters are on meta)."""
-    from cpcompile.distributed import init_groups
-    from cpcompile.passes import Parallel
-    from cpcompile.passes.rewrite_attention import AttentionParallel
-    from cpcompile.passes.shard_weights import local_tensors, shard_weights
+    from cpcompile.distributed import rank_context
+    from cpcompile.passes.shard_weights import RankWeights, local_tensors, shard_weights
 
     device = device if ckpt is not None else _device(model)
-    groups = init_groups(options.tp, options.cp, options.dp, device)
-    info = groups.info
-    shards = shard_weights(analysis, info, options.combine, options.ffn, options.vocab, options.moe)
+    ctx = rank_context(options, device)
+    shards = shard_weights(analysis, ctx)
     params = dict(model.named_parameters())
     local = {}
     for name, shard in shards.items():
@@ -378,8 +425,7 @@ def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=
         for pname in (name, bias_name if bias is not None else None):
             if pname:
                 _stand_in(model, params[pname], device)
-    names = {k: groups.name(k) for k in ("cp", "tp", "replica", "dp", "world")}
-    return Parallel(AttentionParallel(info, options.combine, names, options.kv_interleave, options.mla_uv), shards, local), groups
+    return ctx, RankWeights(shards, local)
 
 
 def _stand_in(model, full: torch.nn.Parameter, device) -> None:
@@ -402,8 +448,8 @@ def weight_bytes(model) -> int:
             seen.add(st.data_ptr())
             total += st.nbytes()
     state = getattr(model, "_cpcompile", None)
-    if state is not None and state.parallel is not None:
-        for w, b in state.parallel.local.values():
+    if state is not None and state.weights is not None:
+        for w, b in state.weights.local.values():
             total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
     return total
 

@@ -162,8 +162,8 @@ class Engine:
         kwargs.pop("inputs_embeds" if kind == "input_ids" else "input_ids", None)
         if ref is None:
             raise ValueError("cpcompile: the forward needs input_ids or inputs_embeds")
-        if kind == "inputs_embeds" and st.parallel is not None and any(
-                p.role == "embedding" and p.weight in st.parallel.shards for p in st.analysis.roles.projections):
+        if kind == "inputs_embeds" and st.weights is not None and any(
+                p.role == "embedding" and p.weight in st.weights.shards for p in st.analysis.roles.projections):
             raise ValueError(
                 "cpcompile: this model's token embedding is vocab-parallel (each rank holds 1/(tp*cp) of its rows, "
                 "and model.get_input_embeddings() is a stand-in), so inputs_embeds cannot be computed outside the "
@@ -185,7 +185,7 @@ class Engine:
         if extra:
             raise ValueError(f"cpcompile: unsupported tensor argument(s) {sorted(extra)}; the forward takes {TOKEN_ARGS}, "
                              "inputs_embeds and a 2D attention_mask")
-        if st.rank is not None:  # before anything rank-dependent: ranks given different inputs must not hang
+        if st.ctx is not None:  # before anything rank-dependent: ranks given different inputs must not hang
             known = self.sessions[past] if past is not None and past in self.sessions else None
             st.check_inputs(ref, known.seen if known is not None else 0, keep)
         lay = self._row_layout(batch, length)
@@ -286,14 +286,14 @@ class Engine:
                                f"(shapes compiled before: {sorted(self.compiles)})")
                 raise inner from None
             except (torch._dynamo.exc.TorchRuntimeError, torch._dynamo.exc.Unsupported) as e:
-                from cpcompile.parallelize import CaptureError, _first_line, _user_frame
+                from cpcompile.parallelize import CaptureError, first_line, user_frame
 
                 # Dynamo could trace the capture shape but not this one: the model's code depends on
                 # the step's shape in a way a static cache does not satisfy (GPT-Neo slices its causal
                 # bias by the cache's length, which is shorter than a bucketed prefill chunk).
                 raise CaptureError(
                     f"cpcompile: the model's forward could not be traced for the step shape {key} over cpcompile's "
-                    f"preallocated KV cache: {type(e).__name__}: {_first_line(e)} {_user_frame(e)}\n"
+                    f"preallocated KV cache: {type(e).__name__}: {first_line(e)} {user_frame(e)}\n"
                     "The model's code depends on the step's shape in a way cpcompile's static cache does not "
                     "satisfy. Run it without cpcompile."
                 ) from e
@@ -314,12 +314,12 @@ class Engine:
         if o.dp_inputs == "global":
             shares = split_rows(batch, o.dp)
             rows = bucket(max(shares), st.max_batch, "a replica's share of the batch")
-            d = st.rank.dp_rank
+            d = st.ctx.dp_rank
             start = sum(shares[:d])
             out_rows = tuple(r * rows + i for r, n in enumerate(shares) for i in range(n))
             return RowLayout(rows, (start, start + shares[d]), out_rows, (rows,) * o.dp, length)
         # local requests, FFN over every replica's tokens: agree on rows and chunks first
-        every_rows, every_len = exchange_layout(batch, length, st.groups.handles["dp"])
+        every_rows, every_len = exchange_layout(batch, length, st.ctx.handles["dp"])
         rows = bucket(max(every_rows), st.max_batch, "a replica's batch")
         return RowLayout(rows, (0, batch), tuple(range(batch)), (rows,) * o.dp, max(every_len))
 
@@ -341,7 +341,7 @@ class Engine:
                 "model did not create; a model compiled by cpcompile keeps its KV in its own cpcompile.KVCache. Pass none "
                 "(generate() makes one) or the cache a previous call returned."
             )
-        r = st.rank
+        r = st.ctx
         kv = KVCache(
             self.num_layers,
             st.max_length,  # a last chunk's padding past it goes to the sink slot (cache.py)

@@ -49,7 +49,7 @@ max_length = max(encode(p).shape[1] for p in prompts) + args.max_new_tokens  # t
 model = cpcompile.parallelize(
     model, tp=args.tp, cp=args.cp, dp=args.dp, ffn=args.ffn, dp_inputs="local", max_length=max_length, lowering=args.lowering
 )
-info = model._cpcompile.rank  # RankInfo (None on one rank): this rank's place in the mesh
+info = model._cpcompile.ctx  # RankContext (None on one rank): this rank's place in the mesh
 dp_rank, first = (info.dp_rank, info.tp_rank == info.cp_rank == 0) if info else (0, True)
 prompt = prompts[dp_rank % len(prompts)]  # this replica's own request
 ids = encode(prompt)

@@ -60,6 +60,8 @@ def test_explain_collectives_per_scheme(mesh, per_layer, once):
     assert report.ok, str(report)
     want = {k: 2 * per_layer.get(k, 0) + once.get(k, 0) for k in ("all_reduce", "all_to_all", "all_gather", "reduce_scatter")}
     assert _decode_counts(report) == want
+    assert report.report.counts["collectives"] == want  # read off the graph the passes rewrote, as the lines are
+    assert report.kept_full == [] and report.report.counts["local_kept_full"] == 0
     text = str(report)
     kinds = ", ".join(str(c) for c in report.layer_collectives()[0]) or "none"
     assert f"collectives per forward, each layer (2): {kinds}" in text
@@ -84,9 +86,9 @@ def test_explain_token_layout_line():
     assert re.search(r"^tokens: rows split over dp=2 replicas .*ffn='sp': outside attention each CP rank keeps ceil\(T/cp=2\)", text, re.M)
     text = str(cpcompile.explain(tiny_model("llama"), tp=2, dp=2, ffn="world_tp"))
     assert re.search(r"^tokens: .*ffn='world_tp': the FFN runs on the tokens of all 2 replicas .* 1/4 of its weights", text, re.M)
-    assert "all_gather(dp)       the FFN input: the tokens of every replica" in text
-    assert "reduce_scatter(dp)   down partial sums, each replica taking back its own tokens" in text
-    assert "all_reduce(replica)  down partial sums over the replica's tp*cp ranks" in text
+    assert "all_gather(dp)       the input of gate: every token of the dp group" in text
+    assert "reduce_scatter(dp)   down partial sums, each dp rank keeping its share of the tokens" in text
+    assert "all_reduce(replica)  down partial sums" in text
 
 
 def test_explain_invalid_ffn_and_mesh_give_parallelizes_mesh_error():
@@ -181,3 +183,43 @@ def test_vocab_replicate_keeps_the_embedding_and_head_whole():
     assert [str(c) for c in whole.forward_collectives()] == []
     assert [str(c) for c in split.forward_collectives()] == ["all_reduce(replica)", "all_gather(replica)"]
     assert "vocab=replicate" in str(whole)
+
+
+def test_explain_counts_are_the_rewritten_graphs():
+    """tp=2, cp=2 Llama (H=64, Hq=4 of 16, V=256, fp32), one decode step of one row on rank 0: the
+    collectives, the bytes each kind sends, and local_layouts' counts, as the passes left the graph."""
+    report = cpcompile.explain(tiny_model("llama"), tp=2, cp=2)
+    counts = report.report.counts
+    assert counts["collectives"] == {"all_reduce": 5, "all_to_all": 2, "all_gather": 1, "reduce_scatter": 0}
+    # all-reduces: 2 x (o, down) + the embedding, [1, 1, 64] fp32 each; all_to_all per layer: this TP rank's
+    # 2 heads' o (2 x 16) and lse (2), 34 x 4 B; all_gather: the LM head's 64 of the 256 logits
+    assert counts["collective_bytes"] == {"all_reduce": 5 * 64 * 4, "all_to_all": 2 * 136, "all_gather": 64 * 4,
+                                          "reduce_scatter": 0}
+    assert {k: counts[f"local_{k}"] for k in ("seeds", "local", "ends", "statistics", "kept_full")} == dict(
+        seeds=12, local=54, ends=10, statistics=0, kept_full=0)
+    text = str(report)
+    assert ("one decode step on rank 0 (one row per replica), read off the rewritten graph: collectives all_reduce 5, "
+            "all_to_all 2, all_gather 1, reduce_scatter 0; bytes sent all_reduce 1280, all_to_all 272, all_gather 256, "
+            "reduce_scatter 0") in text
+    assert "local layouts (local_layouts): seeds 12, local 54, ends 10, statistics 0, kept_full 0" in text
+    assert "kept at full width: none" in text
+    assert [str(c) for c in report.layer_collectives()[0]] == ["all_to_all(cp)", "all_reduce(replica)", "all_reduce(replica)"]
+    assert [c.what for c in report.layer_collectives()[0]] == [
+        "partial o and lse, 1/cp of the heads to each rank (Helix combine)", "o partial sums", "down partial sums"]
+
+
+def test_explain_counts_the_norm_statistics_of_a_sharded_width():
+    """OLMo-2 normalises q and k over the whole projection width: at tp=2 local_layouts all-reduces
+    each norm's [.., 1] statistic over the tp group (2 per layer) instead of gathering q and k."""
+    from benchmarks.coverage import build_model
+
+    report = cpcompile.explain(build_model("olmo2"), tp=2)
+    counts = report.report.counts
+    assert counts["local_statistics"] == 4 and counts["local_kept_full"] == 0 and report.kept_full == []
+    assert counts["collectives"] == {"all_reduce": 9, "all_to_all": 0, "all_gather": 1, "reduce_scatter": 0}
+    per_layer = [str(c) for c in report.layer_collectives()[1]]
+    assert per_layer == ["all_reduce(tp)", "all_reduce(tp)", "all_reduce(replica)", "all_reduce(replica)"]
+    text = str(report)
+    assert "collectives per forward, each layer (2): all_reduce(tp), all_reduce(tp), all_reduce(replica), all_reduce(replica)" in text
+    assert "all_reduce(tp)       a norm's statistic over a sharded width (local_layouts)" in text
+    assert "statistics 4, kept_full 0" in text and "kept at full width: none" in text

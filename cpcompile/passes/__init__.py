@@ -33,31 +33,41 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
 from cpcompile.options import Options
+
+if TYPE_CHECKING:
+    from cpcompile.distributed import RankContext
 from cpcompile.passes._fx import descendants, is_op, op_count
 from cpcompile.passes.find_attention import AttentionSite, find_attention_sites
 from cpcompile.passes.find_projections import Roles, find_projections
 from cpcompile.passes.normalize_linears import normalize_linears, unrecognised_products
 from cpcompile.passes.plan import Mesh, Placement, plan
-from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
+from cpcompile.passes.rewrite_attention import rewrite_attention
 from cpcompile.passes.gather_replicas import gather_replicas, replica_layout
 from cpcompile.passes.shard_linears import shard_linears
 from cpcompile.passes.local_layouts import keep_local
 from cpcompile.passes.shard_vocab import shard_vocab
 from cpcompile.passes.shard_experts import shard_experts
-from cpcompile.passes.split_tokens import TokenSplit, split_tokens
+from cpcompile.passes.shard_weights import RankWeights
+from cpcompile.passes.split_tokens import split_tokens
 
 
 @dataclass
 class Analysis:
     sites: list[AttentionSite]
     roles: Roles
-    placements: list[Placement]
+    placements: list[Placement]  # the plan (pass 3): one per `roles.projections`, in that order, under `mesh`
     notes: list[str] = field(default_factory=list)  # what the passes saw but did not understand
+    mesh: Mesh = field(default_factory=Mesh)  # the mesh `placements` were planned for
+
+    def placement(self, weight: str) -> Placement:
+        """The plan's row for the projection of parameter `weight`."""
+        return next(p for p in self.placements if p.weight == weight)
 
 
 @dataclass
@@ -75,8 +85,8 @@ def analyze(gm: fx.GraphModule, options: Options, names: dict[fx.Node, str] | No
     normalize_linears(gm, names)
     sites = find_attention_sites(gm, latents)
     roles = find_projections(gm, sites, names)
-    placements = plan(roles, sites, Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab, options.moe))
-    return Analysis(sites, roles, placements, _notes(gm, sites, roles, names))
+    mesh = Mesh(options.tp, options.cp, options.dp, options.combine, options.ffn, options.vocab, options.moe)
+    return Analysis(sites, roles, plan(roles, sites, mesh), _notes(gm, sites, roles, names), mesh)
 
 
 def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles, names=None) -> list[str]:
@@ -95,24 +105,7 @@ def _notes(gm: fx.GraphModule, sites: list[AttentionSite], roles: Roles, names=N
     return notes
 
 
-@dataclass
-class Parallel:
-    """A rank's share of the work, decided at `parallelize` (see shard_weights.py)."""
-
-    attention: "AttentionParallel"
-    shards: dict  # parameter name -> WeightShard
-    local: dict  # parameter name -> (local weight, local bias | None)
-
-    @property
-    def info(self):
-        return self.attention.info
-
-    @property
-    def group_names(self) -> dict:
-        return self.attention.group_names
-
-
-_COLLECTIVES = {
+COLLECTIVES = {  # kind (PassReport counts) -> functional collective op
     "all_reduce": "all_reduce",
     "all_to_all": "all_to_all_single",
     "all_gather": "all_gather_into_tensor",
@@ -142,16 +135,19 @@ def _collective_nodes(gm: fx.GraphModule) -> dict[str, list]:
     ops = torch.ops._c10d_functional
     return {
         k: [n for n in gm.graph.nodes if n.op == "call_function" and n.target is getattr(ops, op).default]
-        for k, op in _COLLECTIVES.items()
+        for k, op in COLLECTIVES.items()
     }
 
 
 def run_passes(
-    gm: fx.GraphModule, options: Options, graph_id: int = 0, parallel: Parallel | None = None, names: dict[fx.Node, str] | None = None,
-    latents: dict | None = None,
+    gm: fx.GraphModule, options: Options, graph_id: int = 0, ctx: "RankContext | None" = None,
+    weights: RankWeights | None = None, names: dict[fx.Node, str] | None = None, latents: dict | None = None,
 ) -> PassReport:
-    """`latents`: layer -> the MLA structure read on an earlier graph (`absorb_latent.find_latent`)."""
-    if parallel is not None and names is None:
+    """`ctx`, `weights`: this rank and its weight shards (None on one device, both given otherwise).
+    `latents`: layer -> the MLA structure read on an earlier graph (`absorb_latent.find_latent`)."""
+    if (ctx is None) != (weights is None):
+        raise ValueError("cpcompile: run_passes takes a rank context and its weights together, or neither")
+    if ctx is not None and names is None:
         raise ValueError("cpcompile: a sharded graph needs the model's parameter names (by identity); use parallelize")
     dump = _Dumper(options.debug_dir, graph_id)
     dump(gm, "0-input")
@@ -161,31 +157,26 @@ def run_passes(
         "sdpa_before": op_count(gm, "sdpa"),
         "cache_reads_before": op_count(gm, "kv_cache_read"),
     }
-    result = rewrite_attention(gm, analysis.sites, parallel.attention if parallel else None)
+    result = rewrite_attention(gm, analysis.sites, ctx)
     dump(gm, "1-rewrite_attention")
-    if parallel is not None:
-        mesh = Mesh(parallel.info.tp, parallel.info.cp, parallel.info.dp)
-        sizes = {k: mesh.size(k) for k in ("tp", "cp", "dp", "replica", "world")}
-        counts["linears_sharded"] = sum(shard_linears(gm, parallel.shards, parallel.local, parallel.group_names, sizes).values())
+    if ctx is not None:
+        counts["linears_sharded"] = sum(shard_linears(gm, weights, ctx).values())
         dump(gm, "2-shard_linears")
         local = keep_local(gm)
         counts.update({f"local_{k}": v for k, v in local.items()})
         dump(gm, "2a-local_layouts")
-        vocab = shard_vocab(gm, parallel.shards, parallel.local, parallel.group_names, sizes)
+        vocab = shard_vocab(gm, weights, ctx)
         counts["vocab_sharded"] = vocab["embedding"] + vocab["lm_head"]
         dump(gm, "2b-shard_vocab")
-        experts = shard_experts(gm, parallel.shards, parallel.local, parallel.group_names,
-                                {p.weight: p.role for p in analysis.roles.projections})
+        experts = shard_experts(gm, weights, ctx, {p.weight: p.role for p in analysis.roles.projections})
         counts["experts_sharded"] = experts["expert_tp"] + experts["expert_ep"]
         dump(gm, "2c-shard_experts")
         layout = replica_layout(gm)
         if options.dp > 1:
-            gather_replicas(gm, parallel.info.dp_rank, parallel.group_names["dp"], options.dp_inputs == "global")
+            gather_replicas(gm, ctx, options.dp_inputs == "global")
             dump(gm, "3-gather_replicas")
         if options.ffn == "sp" and options.cp > 1 or options.ffn == "world_tp" and options.dp > 1:
-            roles = {p.weight: p.role for p in analysis.roles.projections}
-            split = TokenSplit(options.ffn, parallel.info, parallel.group_names, layout[1] if layout else None)
-            counts["split_tokens"] = split_tokens(gm, roles, split)
+            counts["split_tokens"] = split_tokens(gm, analysis.placements, ctx, tokens=layout[1] if layout else None)
             dump(gm, "4-split_tokens")
     counts["ffn_tokens"] = ffn_tokens(gm, analysis)
     counts["collectives"] = count_collectives(gm)

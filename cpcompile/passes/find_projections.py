@@ -128,7 +128,7 @@ def param_name(node: fx.Node, names: dict[fx.Node, str] | None) -> str:
     return node.name
 
 
-def _new_kv(site: AttentionSite) -> tuple[list[fx.Node], list[fx.Node]]:
+def new_kv(site: AttentionSite) -> tuple[list[fx.Node], list[fx.Node]]:
     """The tensors written into the cache for this site's keys and values."""
     if site.cache_read is None:
         return [site.key], [site.value]
@@ -147,7 +147,7 @@ def find_projections(gm: fx.GraphModule, sites: list[AttentionSite], names: dict
     groups: list[set[fx.Node]] = []
     for site in sites:
         i = site.index
-        new_k, new_v = _new_kv(site)
+        new_k, new_v = new_kv(site)
         q = _first_linears_back(site.query)
         k = set().union(*(_first_linears_back(n) for n in new_k))
         v = set().union(*(_first_linears_back(n) for n in new_v))

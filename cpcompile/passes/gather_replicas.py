@@ -24,6 +24,7 @@ After (on replica 1):
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from torch import fx
 
 from cpcompile.data_parallel import REPLICA_LAYOUT
 from cpcompile.passes._fx import insert_call, shape, val
+
+if TYPE_CHECKING:
+    from cpcompile.distributed import RankContext
 
 _c10d = torch.ops._c10d_functional
 
@@ -43,8 +47,9 @@ def replica_layout(gm: fx.GraphModule) -> tuple[list[int], list[int]] | None:
     return None
 
 
-def gather_replicas(gm: fx.GraphModule, dp_rank: int, dp_group: str, gather_outputs: bool) -> dict[str, int]:
-    """Remove the layout marker; in global mode all-gather the outputs. Returns counts."""
+def gather_replicas(gm: fx.GraphModule, ctx: "RankContext", gather_outputs: bool) -> dict[str, int]:
+    """Remove the layout marker; in global mode all-gather the outputs over `ctx`'s dp group. Returns counts."""
+    dp_rank, dp_group = ctx.dp_rank, ctx.name("dp")
     g = gm.graph
     layout = None
     for n in list(g.nodes):

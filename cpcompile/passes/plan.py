@@ -32,28 +32,34 @@ matmuls are not token-wise, so the replicas' tokens are not gathered for them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cpcompile.options import COMBINES, FFNS, MOES
 from cpcompile.passes.find_attention import AttentionSite
-from cpcompile.passes.find_projections import Roles
+from cpcompile.passes.find_projections import Projection, Roles
 
+# role -> (kind, group); "ffn" / "moe" stand for the FFN / MoE group of the mesh (below)
 _PLACEMENT = {
-    "q": "column/tp", "k": "column/tp", "v": "column/tp", "qkv": "packed-column/tp", "kv": "packed-column/tp",
-    "qk": "packed-column/tp", "qv": "packed-column/tp",
-    "o": "row/replica",
-    "gate": "column/ffn", "up": "column/ffn", "fc1": "column/ffn", "gate_up": "packed-column/ffn",
-    "down": "row/ffn", "fc2": "row/ffn",
-    "embedding": "vocab/replica", "lm_head": "vocab/replica",
-    "expert_up": "expert-column/moe", "expert_down": "expert-row/moe",
-    "shared_gate": "column/moe", "shared_up": "column/moe", "shared_down": "row/moe",
+    "q": ("column", "tp"), "k": ("column", "tp"), "v": ("column", "tp"),
+    "qkv": ("packed-column", "tp"), "kv": ("packed-column", "tp"), "qk": ("packed-column", "tp"), "qv": ("packed-column", "tp"),
+    "o": ("row", "replica"),
+    "gate": ("column", "ffn"), "up": ("column", "ffn"), "fc1": ("column", "ffn"), "gate_up": ("packed-column", "ffn"),
+    "down": ("row", "ffn"), "fc2": ("row", "ffn"),
+    "embedding": ("vocab", "replica"), "lm_head": ("vocab", "replica"),
+    "expert_up": ("expert-column", "moe"), "expert_down": ("expert-row", "moe"),
+    "shared_gate": ("column", "moe"), "shared_up": ("column", "moe"), "shared_down": ("row", "moe"),
 }
+# the projections that read the attention's input: they need every token of the replica (split_tokens.py)
+ATTENTION_INPUT_ROLES = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down", "mla_q")
 EXPERT_ROLES = ("expert_up", "expert_down")
 _MOE_GROUP = {"tp": "replica", "sp": "tp", "world_tp": "replica"}
 VOCAB_ROLES = ("embedding", "lm_head")
-FFN_ROLES = ("gate", "up", "fc1", "gate_up", "down", "fc2")
+FFN_COLUMN_ROLES = ("gate", "up", "fc1", "gate_up")
+FFN_ROW_ROLES = ("down", "fc2")
+FFN_ROLES = FFN_COLUMN_ROLES + FFN_ROW_ROLES
 SHARED_EXPERT_ROLES = ("shared_gate", "shared_up", "shared_down")  # a MoE block's dense expert: the MoE group
 _FFN_GROUP = {"tp": "replica", "sp": "tp", "world_tp": "world"}
+KINDS = ("replicate", "column", "packed-column", "row", "vocab", "expert-column", "expert-row", "expert")
 
 
 class MeshError(ValueError):
@@ -82,38 +88,55 @@ class Mesh:
         return {"tp": self.tp, "cp": self.cp, "dp": self.dp, "replica": self.replica, "world": self.world}[group]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Placement:
+    """How one projection's weight is split under the mesh: the plan's row for it."""
+
     weight: str
     role: str
     layer: int
-    placement: str  # "replicate" | "column/tp" | "row/replica" | ...
-    shape: tuple[int, int]
+    kind: str  # one of KINDS; "packed-column": several column blocks in one weight (qkv, gate_up)
+    group: str | None  # the group it is split over ("tp" | "replica" | "world"); None when replicated
+    shape: tuple[int, int]  # [out, in]
+    projection: Projection = field(compare=False, repr=False)  # what find_projections found (node, sizes)
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind != "replicate"
+
+    def __str__(self) -> str:
+        """'column/tp', 'row/replica', 'replicate': the form explain prints."""
+        return self.kind if self.group is None else f"{self.kind}/{self.group}"
 
 
-def placement_for(role: str, mesh: Mesh) -> str:
-    p = _PLACEMENT.get(role, "replicate")
+def _place(role: str, mesh: Mesh) -> tuple[str, str | None]:
+    """(kind, group) of a projection with `role` under `mesh`; ("replicate", None) where its group has one rank."""
+    kind, group = _PLACEMENT.get(role, ("replicate", None))
     if role in VOCAB_ROLES and mesh.vocab != "parallel":
-        return "replicate"
+        return "replicate", None
     if role == "o" and mesh.combine == "all_gather":
-        p = "row/tp"
+        group = "tp"
     if role in EXPERT_ROLES and mesh.moe == "ep":
-        p = "expert/moe"
-    p = p.replace("/ffn", "/" + _FFN_GROUP.get(mesh.ffn, "replica")).replace("/moe", "/" + _MOE_GROUP.get(mesh.ffn, "replica"))
-    if p == "replicate":
-        return p
-    return "replicate" if mesh.size(p.split("/")[-1]) == 1 else p
+        kind = "expert"
+    group = {"ffn": _FFN_GROUP.get(mesh.ffn, "replica"), "moe": _MOE_GROUP.get(mesh.ffn, "replica")}.get(group, group)
+    if kind == "replicate" or mesh.size(group) == 1:
+        return "replicate", None
+    return kind, group
+
+
+def placements(roles: Roles, mesh: Mesh) -> list[Placement]:
+    """Every projection's placement under `mesh`, in `roles.projections` order, not validated (see `plan`)."""
+    return [Placement(p.weight, p.role, p.layer, *_place(p.role, mesh), (p.out_features, p.in_features), p)
+            for p in roles.projections]
 
 
 def plan(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[Placement]:
     validate_mesh(roles, sites, mesh)
-    return [
-        Placement(p.weight, p.role, p.layer, placement_for(p.role, mesh), (p.out_features, p.in_features))
-        for p in roles.projections
-    ]
+    return placements(roles, mesh)
 
 
-def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]:
+def plan_problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]:
+    """Why this model cannot run on `mesh`, one line each (sorted); empty when it can."""
     out = []
     if mesh.combine not in COMBINES:
         out.append(f"combine={mesh.combine!r} is not one of {COMBINES}")
@@ -145,24 +168,24 @@ def _problems(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> list[str]
         up = {p.layer for p in roles.projections if p.role == "kv_up"}
         out += [f"layer {s.index}: its K/V are up-projected from the cache (kv_up) in a form absorb_latent does not read, "
                 "so its heads cannot be sharded; it runs at tp = cp = 1 only" for s in sites if s.index in up and s.latent is None]
-    for p in roles.projections:
-        pl = placement_for(p.role, mesh)
-        if pl == "replicate":
+    for pl in placements(roles, mesh):
+        p = pl.projection
+        if not pl.sharded:
             continue
-        group = mesh.size(pl.split("/")[-1])
-        if pl.startswith("vocab"):
+        group = mesh.size(pl.group)
+        if pl.kind == "vocab":
             continue  # a vocab not divisible by the group is padded (shard_weights.vocab_shard)
-        if pl.startswith("expert/"):
+        if pl.kind == "expert":
             if p.experts % group:
                 out.append(f"{p.weight} ({p.role}): {p.experts} experts not divisible by {group} ({pl}, moe='ep'); use moe='tp'")
             continue
-        if pl.startswith("expert-column"):
+        if pl.kind == "expert-column":
             continue  # its columns follow expert_down's input chunk (checked there)
-        dim = p.in_features if pl.startswith(("row", "expert-row")) else p.out_features
-        if pl.startswith("packed"):
+        dim = p.in_features if pl.kind in ("row", "expert-row") else p.out_features
+        if pl.kind == "packed-column":
             dim //= 2 if p.role in ("gate_up", "kv", "qk", "qv") else 1
         if dim % group:
-            out.append(f"{p.weight} ({p.role}): {'in' if pl.startswith('row') else 'out'} features {dim} not divisible by {group} ({pl})")
+            out.append(f"{p.weight} ({p.role}): {'in' if pl.kind == 'row' else 'out'} features {dim} not divisible by {group} ({pl})")
     return sorted(set(out))
 
 
@@ -195,12 +218,12 @@ def valid_meshes(
         (tp, cp)
         for tp in range(1, max_world // dp + 1)
         for cp in range(1, max_world // (dp * tp) + 1)
-        if not _problems(roles, sites, Mesh(tp, cp, dp, combine, ffn, moe=moe))
+        if not plan_problems(roles, sites, Mesh(tp, cp, dp, combine, ffn, moe=moe))
     ]
 
 
 def validate_mesh(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> None:
-    problems = _problems(roles, sites, mesh)
+    problems = plan_problems(roles, sites, mesh)
     if problems:
         combine = mesh.combine if mesh.combine in COMBINES else "all_to_all"
         ffn = mesh.ffn if mesh.ffn in FFNS else "tp"
@@ -215,3 +238,4 @@ def validate_mesh(roles: Roles, sites: list[AttentionSite], mesh: Mesh) -> None:
             + "\n  - ".join(problems)
             + f"\nValid (tp, cp) for this model with combine={combine!r}{at}: {valid}"
         )
+

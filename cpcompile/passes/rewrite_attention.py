@@ -44,7 +44,7 @@ from cpcompile.passes.find_attention import AttentionError, AttentionSite
 from cpcompile.passes.local_layouts import mark_local
 
 if TYPE_CHECKING:
-    from cpcompile.distributed import RankInfo
+    from cpcompile.distributed import RankContext
 
 _ALL = slice(None)
 
@@ -57,25 +57,15 @@ class RewriteResult:
     latent_expanded: int = 0  # MLA sites expanded to per-head K/V (a prefill chunk where that costs fewer FLOPs)
 
 
-@dataclass
-class AttentionParallel:
-    """What a rank needs to rewrite attention under tp x cp (DESIGN.md section 2)."""
-
-    info: "RankInfo"
-    combine: str
-    group_names: dict  # "cp" / "tp" / "replica" -> functional-collective group name
-    kv_interleave: int = 1
-    mla_uv: str = "after"  # MLA: W_UV after the combine (this rank's heads) or before it (all heads, Dv-wide exchange)
-
-
-def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: AttentionParallel | None = None) -> RewriteResult:
+def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], ctx: "RankContext | None" = None) -> RewriteResult:
+    """`ctx`: this rank under tp x cp (DESIGN.md section 2); None on one device."""
     g = gm.graph
     reads_done: dict[fx.Node, int] = {}  # kv_cache_read -> S_local
     latent = {True: 0, False: 0}  # expanded -> MLA sites
     for site in sites:
         d = site.dims
         lat = site.latent
-        n_slots, slot_rank = _slot_split(site, par)
+        n_slots, slot_rank = _slot_split(site, ctx)
         expansion = written_region([site.key, site.value], set(site.cache_read.users)) if lat is not None else set()
         with g.inserting_before(site.output):
             q = site.query
@@ -93,16 +83,16 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
                         raise AttentionError(f"attention #{site.index}: reads {shape(k)[2]} slots, expected {s_local}")
                 pos_q = _expand_rows(g, pos_new, d["B"])
                 pos_kv = _expand_rows(g, insert_call(g, operator.getitem, (slot_pos, slice(None, s_local))), d["B"])
-                filled = _filled_slots(g, pos_new, d["B"], n_slots, slot_rank, par.kv_interleave if par else 1)
+                filled = _filled_slots(g, pos_new, d["B"], n_slots, slot_rank, ctx.kv_interleave if ctx else 1)
             else:
-                if par is not None and par.info.cp > 1:
+                if ctx is not None and ctx.cp > 1:
                     raise AttentionError(
                         f"attention #{site.index}: its K/V do not come from cpcompile's KVCache, so they cannot be "
                         "sharded over the sequence (cp > 1). Run through cpcompile.parallelize, which installs the cache."
                     )
                 k, v = site.key, site.value
-                if par is not None and par.info.tp > 1:
-                    kv0, kv1 = kv_head_range(d["Hkv"], par.info.tp, par.info.tp_rank)
+                if ctx is not None and ctx.tp > 1:
+                    kv0, kv1 = kv_head_range(d["Hkv"], ctx.tp, ctx.tp_rank)
                     k = insert_call(g, operator.getitem, (k, (_ALL, slice(kv0, kv1))))
                     v = insert_call(g, operator.getitem, (v, (_ALL, slice(kv0, kv1))))
                 s, lq = d["S"], d["Lq"]
@@ -112,37 +102,37 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
                 filled = None
             mask = _kernel_mask(g, site.mask, d) if site.mask is not None else None
             heads = {"tp": (0, d["Hq"]), "out": (0, d["Hq"])}
-            if par is not None:
+            if ctx is not None:
                 from cpcompile.passes.shard_weights import head_ranges
 
-                heads = head_ranges(par.info, d["Hq"], par.combine)
-                if par.info.tp > 1 and lat is None:  # a latent site attends every head over its slots (Helix)
+                heads = head_ranges(ctx, d["Hq"])
+                if ctx.tp > 1 and lat is None:  # a latent site attends every head over its slots (Helix)
                     q = insert_call(g, operator.getitem, (q, (_ALL, slice(*heads["tp"]))))
                 if mask is not None and n_slots > 1 and site.cache_read is not None:
-                    mask = _mask_to_slots(gm, mask, shape(k)[2], n_slots, slot_rank, par.kv_interleave)
+                    mask = _mask_to_slots(gm, mask, shape(k)[2], n_slots, slot_rank, ctx.kv_interleave)
             out = insert_call(
                 g,
                 torch.ops.cpcompile.attention_with_lse.default,
                 (q, k, v, pos_q, pos_kv, site.scale, site.softcap, 0, mask, filled),
             )
             o = insert_call(g, operator.getitem, (out, 0))
-            uv_before = lat is not None and not expanded and par is not None and par.mla_uv == "before"
+            uv_before = lat is not None and not expanded and ctx is not None and ctx.mla_uv == "before"
             if uv_before:  # every head through W_UV here: the exchange below carries Dv, not R, per head
                 o = up_project(g, lat, o, (0, d["Hq"]))
-            if par is not None:
+            if ctx is not None:
                 lse = insert_call(g, operator.getitem, (out, 1))
-                o = _combine(g, o, lse, par.combine, n_slots, par.group_names["replica" if lat is not None else "cp"])
+                o = _combine(g, o, lse, ctx.combine, n_slots, ctx.group_names["replica" if lat is not None else "cp"])
                 if lat is not None and shape(o)[1] == d["Hq"] and heads["out"] != (0, d["Hq"]):
                     o = insert_call(g, operator.getitem, (o, (_ALL, slice(*heads["out"]))))  # all_gather: every head merged
             if lat is not None and not expanded and not uv_before:
                 o = up_project(g, lat, o, heads["out"])  # W_UV for the heads this rank holds, after the exchange
-            if par is not None:
+            if ctx is not None:
                 h0, h1 = heads["out"]
                 local = o
                 o = insert_call(g, F.pad, (o, (0, 0, 0, 0, h0, d["Hq"] - h1)))  # all heads, kept local by local_layouts
-                group = "tp" if par.combine == "all_gather" or par.info.cp == 1 else "replica"
-                mark_local(o, local, 1, range(h0, h1), d["Hq"], group, par.group_names[group],
-                           par.info.tp * (par.info.cp if group == "replica" else 1))
+                group = "tp" if ctx.combine == "all_gather" or ctx.cp == 1 else "replica"
+                mark_local(o, local, 1, range(h0, h1), d["Hq"], group, ctx.group_names[group],
+                           ctx.tp * (ctx.cp if group == "replica" else 1))
         old = site.output
         old.replace_all_uses_with(o)
         _erase_dead([old, *site.chain])
@@ -163,15 +153,14 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], par: Atten
     return RewriteResult(len(sites), len(reads_done), latent[False], latent[True])
 
 
-def _slot_split(site: AttentionSite, par: "AttentionParallel | None") -> tuple[int, int]:
+def _slot_split(site: AttentionSite, ctx: "RankContext | None") -> tuple[int, int]:
     """(ranks the site's KV slots are split over, this rank's index among them): the CP group, or
     for a latent (MLA) site, whose one KV head cannot be split by heads, the whole replica (Helix)."""
-    if par is None:
+    if ctx is None:
         return 1, 0
-    info = par.info
     if site.latent is not None:
-        return info.tp * info.cp, info.tp_rank * info.cp + info.cp_rank
-    return info.cp, info.cp_rank
+        return ctx.tp * ctx.cp, ctx.tp_rank * ctx.cp + ctx.cp_rank
+    return ctx.cp, ctx.cp_rank
 
 
 def _erase_written(g: fx.Graph, region: set[fx.Node]) -> None:

@@ -32,6 +32,7 @@ After:
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
@@ -39,7 +40,10 @@ from torch import fx
 from cpcompile.passes._fx import erase_unused, insert_call, is_op, shape, val
 from cpcompile.passes.find_projections import grouped_mm_args, is_grouped_mm
 from cpcompile.passes.shard_linears import all_reduce, graph_constant, place_columns
-from cpcompile.passes.shard_weights import WeightShard
+from cpcompile.passes.shard_weights import RankWeights
+
+if TYPE_CHECKING:
+    from cpcompile.distributed import RankContext
 
 # ops through which an all-reduce may be moved: linear in the partial sum (the other operands
 # do not depend on it), so sum_r f(p_r) == f(sum_r p_r)
@@ -50,12 +54,12 @@ _CASTS = {"to", "type", "float", "double"}
 
 def shard_experts(
     gm: fx.GraphModule,
-    shards: dict[str, WeightShard],
-    local: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    group_names: dict[str, str],
+    weights: "RankWeights",
+    ctx: "RankContext",
     roles: dict[str, str],
 ) -> dict[str, int]:
     """`roles`: parameter name -> role (expert_up / expert_down). Returns counts: expert grouped matmuls rewritten (tp / ep) and all-reduces inserted."""
+    shards, local = weights.shards, weights.local
     g = gm.graph
     counts = {"expert_tp": 0, "expert_ep": 0, "all_reduce": 0, "merged": 0}
     done = set()
@@ -89,7 +93,7 @@ def shard_experts(
         n.replace_all_uses_with(y)
         g.erase_node(n)
         if roles.get(name) == "expert_down":
-            counts["merged"] += _sink_all_reduce(g, y, group_names[shard.group])
+            counts["merged"] += _sink_all_reduce(g, y, ctx.name(shard.group))
             counts["all_reduce"] += 1
     missing = sorted(k for k, s in shards.items() if s.kind.startswith("expert") and k not in done)
     if missing:

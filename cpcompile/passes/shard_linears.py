@@ -27,6 +27,7 @@ After:   a = attn[..., 32:64]; p = torch._C._nn.linear(a, _cpcompile_w3, None)
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,10 @@ from torch import fx
 
 from cpcompile.passes._fx import insert_call, is_op, shape, val
 from cpcompile.passes.local_layouts import mark_local
-from cpcompile.passes.shard_weights import WeightShard
+from cpcompile.passes.shard_weights import RankWeights, WeightShard
+
+if TYPE_CHECKING:
+    from cpcompile.distributed import RankContext
 
 _c10d = torch.ops._c10d_functional
 
@@ -77,13 +81,12 @@ def place_columns(gm: fx.GraphModule, y_loc: fx.Node, shard: WeightShard, width:
 
 def shard_linears(
     gm: fx.GraphModule,
-    shards: dict[str, WeightShard],
-    local: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    group_names: dict[str, str],
-    sizes: dict[str, int],
+    weights: "RankWeights",
+    ctx: "RankContext",
 ) -> dict[str, int]:
-    """Returns counts: column / row linears rewritten, all-reduces inserted. `sizes`: ranks per group.
+    """Returns counts: column / row linears rewritten, all-reduces inserted.
     Each placed column output is marked with the local value it stands for (`local_layouts.mark_local`)."""
+    shards, local = weights.shards, weights.local
     g = gm.graph
     counts = {"column": 0, "row": 0, "all_reduce": 0}
     done = set()
@@ -107,7 +110,7 @@ def shard_linears(
                 y_loc = insert_call(g, torch._C._nn.linear, (x, w_node, b_node))
                 y_loc.meta["cpcompile_weight"] = name
                 y = place_columns(gm, y_loc, shard, full[-1])
-                mark_local(y, y_loc, -1, shard.cols.tolist(), full[-1], shard.group, group_names[shard.group], sizes[shard.group])
+                mark_local(y, y_loc, -1, shard.cols.tolist(), full[-1], shard.group, ctx.name(shard.group), ctx.size(shard.group))
             else:
                 if block is not None:
                     x_loc = insert_call(g, operator.getitem, (x, (Ellipsis, slice(*block))))
@@ -116,12 +119,12 @@ def shard_linears(
                     x_loc = insert_call(g, torch.Tensor.index_select, (x, -1, idx))
                 partial = insert_call(g, torch._C._nn.linear, (x_loc, w_node, None))
                 partial.meta["cpcompile_weight"] = name
-                y = all_reduce(g, partial, group_names[shard.group])
+                y = all_reduce(g, partial, ctx.name(shard.group))
                 counts["all_reduce"] += 1
                 if b_node is not None:
                     y = insert_call(g, operator.add, (y, b_node))
                 y.meta["cpcompile_row"] = {"weight": name, "partial": partial, "bias": b_node, "group": shard.group,
-                                           "group_name": group_names[shard.group]}
+                                           "group_name": ctx.name(shard.group)}
         lin.replace_all_uses_with(y)
         g.erase_node(lin)
         counts[shard.kind] += 1

@@ -26,6 +26,7 @@ After:   li = ids - lo;  inside = (li >= 0) & (li < n);  e_loc = F.embedding(whe
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,19 +35,21 @@ from torch import fx
 from cpcompile.passes._fx import insert_call, is_op, shape
 from cpcompile.passes.find_projections import embedding_args, is_embedding
 from cpcompile.passes.shard_linears import all_reduce, graph_constant
-from cpcompile.passes.shard_weights import WeightShard
+from cpcompile.passes.shard_weights import RankWeights, WeightShard
+
+if TYPE_CHECKING:
+    from cpcompile.distributed import RankContext
 
 _c10d = torch.ops._c10d_functional
 
 
 def shard_vocab(
     gm: fx.GraphModule,
-    shards: dict[str, WeightShard],
-    local: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    group_names: dict[str, str],
-    group_sizes: dict[str, int],
+    weights: "RankWeights",
+    ctx: "RankContext",
 ) -> dict[str, int]:
     """Returns counts: embedding lookups and LM heads rewritten, all-reduces and all-gathers inserted."""
+    shards, local = weights.shards, weights.local
     g = gm.graph
     counts = {"embedding": 0, "lm_head": 0, "all_reduce": 0, "all_gather": 0}
     vocab = {k: s for k, s in shards.items() if s.kind == "vocab"}
@@ -58,7 +61,7 @@ def shard_vocab(
             continue
         shard, (w_loc, b_loc) = vocab[name], local[name]
         done.add(name)
-        group = group_names[shard.group]
+        group = ctx.name(shard.group)
         with g.inserting_before(n):
             if name not in consts:
                 consts[name] = graph_constant(gm, w_loc, "_cpcompile_w")
@@ -68,7 +71,7 @@ def shard_vocab(
                 counts["all_reduce"] += 1
             else:
                 b_node = graph_constant(gm, b_loc.to(w_loc.dtype), "_cpcompile_b") if b_loc is not None else None
-                y = _lm_head(g, n, shard, consts[name], b_node, group, group_sizes[shard.group])
+                y = _lm_head(g, n, shard, consts[name], b_node, group, ctx.size(shard.group))
                 counts["lm_head"] += 1
                 counts["all_gather"] += 1
         n.replace_all_uses_with(y)

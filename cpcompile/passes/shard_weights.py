@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cpcompile.distributed import RankInfo
 from cpcompile.kernels.layout import kv_head_range
 
 from cpcompile.passes._probe import ProbeError, column_support, forward_support
-from cpcompile.passes.find_projections import _new_kv
-from cpcompile.passes.plan import placement_for
+from cpcompile.passes.find_projections import new_kv
+from cpcompile.passes.plan import EXPERT_ROLES, FFN_ROLES, SHARED_EXPERT_ROLES, Placement
 
 if TYPE_CHECKING:
+    from cpcompile.distributed import RankContext
     from cpcompile.passes import Analysis
 
 
@@ -63,14 +63,14 @@ class WeightShard:
         return None
 
 
-def head_ranges(info: RankInfo, hq: int, combine: str) -> dict[str, tuple[int, int]]:
+def head_ranges(ctx: "RankContext", hq: int) -> dict[str, tuple[int, int]]:
     """Query-head ranges of this rank: `tp` (attended here), `out` (held after the combine)."""
-    per_tp = hq // info.tp
-    q0 = info.tp_rank * per_tp
-    if combine == "all_gather" or info.cp == 1:
+    per_tp = hq // ctx.tp
+    q0 = ctx.tp_rank * per_tp
+    if ctx.combine == "all_gather" or ctx.cp == 1:
         return {"tp": (q0, q0 + per_tp), "out": (q0, q0 + per_tp)}
-    per_cp = per_tp // info.cp
-    o0 = q0 + info.cp_rank * per_cp
+    per_cp = per_tp // ctx.cp
+    o0 = q0 + ctx.cp_rank * per_cp
     return {"tp": (q0, q0 + per_tp), "out": (o0, o0 + per_cp)}
 
 
@@ -80,39 +80,43 @@ def _heads_mask(x: torch.Tensor, h0: int, h1: int) -> torch.Tensor:
     return m
 
 
-def group_rank(info: RankInfo, group: str) -> int:
-    """This rank's index in `group` (the order `RankInfo.ranks` lists it)."""
-    return info.ranks(group).index(info.rank) if group != "world" else info.rank
+@dataclass
+class RankWeights:
+    """This rank's share of the weights, decided at `parallelize`: the shards and the local copies
+    the sharding passes put into the graph."""
+
+    shards: dict[str, WeightShard]  # parameter name -> WeightShard
+    local: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # parameter name -> (local weight, local bias | None)
 
 
-def shard_weights(analysis: "Analysis", info: RankInfo, combine: str, ffn: str = "tp", vocab: str = "parallel",
-                  moe: str = "tp") -> dict[str, WeightShard]:
-    from cpcompile.passes.plan import Mesh
-
-    mesh = Mesh(info.tp, info.cp, info.dp, combine, ffn, vocab, moe)
+def shard_weights(analysis: "Analysis", ctx: "RankContext") -> dict[str, WeightShard]:
+    """This rank's shards: the plan's sharded placements (`analysis.placements`, planned for `ctx`'s mesh)
+    made into columns."""
+    if analysis.mesh != ctx.mesh:
+        raise ValueError(f"shard_weights: the plan is for {analysis.mesh}, this rank's context for {ctx.mesh}")
     shards: dict[str, WeightShard] = {}
-    by_layer: dict[int, list] = {}
-    for p in analysis.roles.projections:
-        by_layer.setdefault(p.layer, []).append(p)
+    by_layer: dict[int, list[Placement]] = {}
+    for pl in analysis.placements:
+        by_layer.setdefault(pl.layer, []).append(pl)
     for site in analysis.sites:
         try:
-            _shard_site(shards, site, by_layer.get(site.index, []), info, mesh, combine)
+            _shard_site(shards, site, by_layer.get(site.index, []), ctx)
         except ProbeError as e:
             raise ProbeError(f"cpcompile: layer {site.index}: {e}. Run with tp = cp = 1 (see cpcompile.explain).") from e
-    for p in analysis.roles.projections:
-        placement = placement_for(p.role, mesh)
-        if p.role == "expert_down" and placement != "replicate":
-            up = next(q for q in analysis.roles.projections if q.role == "expert_up" and q.offsets is p.offsets)
-            shards.update(expert_shards(up, p, placement, info, mesh))
-        if placement.startswith("vocab"):
-            shards[p.weight] = vocab_shard(p, placement.split("/")[-1], info, mesh)
+    for pl in analysis.placements:
+        if pl.role == "expert_down" and pl.sharded:
+            up = next(q for q in analysis.placements if q.role == "expert_up" and q.projection.offsets is pl.projection.offsets)
+            shards.update(expert_shards(up, pl, ctx))
+        if pl.kind == "vocab":
+            shards[pl.weight] = vocab_shard(pl, ctx)
     return shards
 
 
-def expert_shards(up, down, placement: str, info: RankInfo, mesh) -> dict[str, WeightShard]:
-    group = placement.split("/")[-1]
-    size, r = mesh.size(group), group_rank(info, group)
-    if placement.startswith("expert/"):  # moe='ep': whole experts
+def expert_shards(up: Placement, down: Placement, ctx: "RankContext") -> dict[str, WeightShard]:
+    group, kind = down.group, down.kind
+    size, r = ctx.size(group), ctx.group_rank(group)
+    up, down = up.projection, down.projection
+    if kind == "expert":  # moe='ep': whole experts
         per = down.experts // size
         experts = torch.arange(r * per, (r + 1) * per)
         return {p.weight: WeightShard(p.weight, "expert", group, experts, (p.out_features, p.in_features), None, p.transposed)
@@ -127,32 +131,31 @@ def expert_shards(up, down, placement: str, info: RankInfo, mesh) -> dict[str, W
     }
 
 
-def vocab_shard(p, group: str, info: RankInfo, mesh) -> WeightShard:
-    """Rows `[r*Vl, min((r+1)*Vl, V))` of a [V, H] table, `Vl = ceil(V / size)`, r = this rank in `group`."""
-    size, r = mesh.size(group), group_rank(info, group)
+def vocab_shard(pl: Placement, ctx: "RankContext") -> WeightShard:
+    """Rows `[r*Vl, min((r+1)*Vl, V))` of a [V, H] table, `Vl = ceil(V / size)`, r = this rank in the placement's group."""
+    p, group = pl.projection, pl.group
+    size, r = ctx.size(group), ctx.group_rank(group)
     v = p.out_features
     per = -(-v // size)
     rows = torch.arange(min(r * per, v), min((r + 1) * per, v))
     return WeightShard(p.weight, "vocab", group, rows, (p.out_features, p.in_features), p.bias, p.transposed, per)
 
 
-def _shard_site(shards: dict[str, WeightShard], site, layer: list, info: RankInfo, mesh, combine: str) -> None:
+def _shard_site(shards: dict[str, WeightShard], site, layer: list[Placement], ctx: "RankContext") -> None:
     """The shards of one attention site's projections and of its layer's FFN, into `shards`."""
-    from cpcompile.passes.plan import EXPERT_ROLES, FFN_ROLES, SHARED_EXPERT_ROLES
-
-    FFN_ROLES = FFN_ROLES + SHARED_EXPERT_ROLES  # a shared expert is sharded as a dense FFN
+    dense_ffn = FFN_ROLES + SHARED_EXPERT_ROLES  # a shared expert is sharded as a dense FFN
     d = site.dims
-    heads = head_ranges(info, d["Hq"], combine)
-    kv0, kv1 = kv_head_range(d["Hkv"], info.tp, info.tp_rank)
-    new_k, new_v = _new_kv(site)
+    heads = head_ranges(ctx, d["Hq"])
+    kv0, kv1 = kv_head_range(d["Hkv"], ctx.tp, ctx.tp_rank)
+    new_k, new_v = new_kv(site)
     ffn_row = None
-    for p in layer:
-        placement = placement_for(p.role, mesh)
-        if placement == "replicate" or p.role in EXPERT_ROLES:
+    for pl in layer:
+        p = pl.projection
+        if not pl.sharded or p.role in EXPERT_ROLES:
             continue  # experts: expert_shards
-        kind, group = ("row" if placement.startswith("row") else "column"), placement.split("/")[-1]
+        kind, group = ("row" if pl.kind == "row" else "column"), pl.group
         lin = p.node
-        if kind == "column" and p.role not in FFN_ROLES:
+        if kind == "column" and p.role not in dense_ffn:
             cols = []
             if "q" in p.role:
                 cols.append(column_support(lin, site.query, lambda t: t[:, heads["tp"][0] : heads["tp"][1]]))
@@ -178,19 +181,19 @@ def _shard_site(shards: dict[str, WeightShard], site, layer: list, info: RankInf
                 )
             shards[p.weight] = _shard(p, "row", group, cols)
         elif kind == "row":  # down / fc2 over the FFN group
-            size, r = mesh.size(group), group_rank(info, group)
+            size, r = ctx.size(group), ctx.group_rank(group)
             per = p.in_features // size
             cols = torch.arange(r * per, (r + 1) * per)
             shards[p.weight] = _shard(p, "row", group, cols)
             ffn_row = (p, r * per, (r + 1) * per)
-    for p in layer:  # FFN column shards: the columns that feed this rank's chunk of down's input
-        placement = placement_for(p.role, mesh)
-        if p.role in FFN_ROLES and "column" in placement:
+    for pl in layer:  # FFN column shards: the columns that feed this rank's chunk of down's input
+        p = pl.projection
+        if p.role in dense_ffn and pl.kind in ("column", "packed-column"):
             if ffn_row is None:
                 raise ValueError(f"shard_weights: {p.weight} ({p.role}) is column-parallel but layer {site.index} has no down/fc2")
             down, c0, c1 = ffn_row
             cols = column_support(p.node, down.node.args[0], lambda t: t[..., c0:c1])
-            shards[p.weight] = _shard(p, "column", placement.split("/")[-1], cols)
+            shards[p.weight] = _shard(p, "column", pl.group, cols)
 
 
 def _shard(p, kind: str, group: str, cols: torch.Tensor) -> WeightShard:

@@ -39,19 +39,21 @@ After:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
 from cpcompile.passes._fx import erase_unused, insert_call, is_op, shape, val
+from cpcompile.passes.plan import ATTENTION_INPUT_ROLES, FFN_COLUMN_ROLES, Placement
+
+if TYPE_CHECKING:
+    from cpcompile.distributed import RankContext
 
 _c10d = torch.ops._c10d_functional
 
 FULL, CHUNK, GATHERED = "full", "chunk", "gathered"
-ATTENTION_INPUT_ROLES = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down", "mla_q")
-FFN_COLUMN_ROLES = ("gate", "up", "fc1", "gate_up")
 
 # ops that act on each token on its own when their dims are feature dims (checked per node)
 _IDENTITY_LIKE = {"to", "type", "float", "half", "bfloat16", "double", "type_as", "contiguous", "clone", "detach", "dropout"}
@@ -66,19 +68,11 @@ class TokenSplitError(ValueError):
     """The token layout cannot be carried through an op (world_tp); the message names it."""
 
 
-@dataclass
-class TokenSplit:
-    """What a rank needs to change the token layout (from `parallelize`)."""
-
-    ffn: str  # "sp" | "world_tp"
-    info: "object"  # RankInfo
-    group_names: dict  # "cp" / "tp" / "dp" / "replica" -> functional-collective group name
-    tokens: list[int] | None = None  # world_tp: tokens of every replica this step (replica_layout marker)
-
-
-def split_tokens(gm: fx.GraphModule, roles: dict[str, str], split: TokenSplit) -> dict[str, int]:
-    """Rewrite `gm`'s token layout for `split.ffn`; returns counts of what was inserted."""
-    return _Splitter(gm, roles, split).run()
+def split_tokens(gm: fx.GraphModule, placements: list[Placement], ctx: "RankContext", tokens: list[int] | None = None) -> dict[str, int]:
+    """Rewrite `gm`'s token layout for `ctx.ffn` ('sp' | 'world_tp'); returns counts of what was inserted.
+    `placements`: the plan (`Analysis.placements`), for each projection's role.
+    `tokens` (world_tp): the tokens of every replica in this graph (its `replica_layout` marker)."""
+    return _Splitter(gm, {p.weight: p.role for p in placements}, ctx, tokens).run()
 
 
 def _name(node: fx.Node) -> str:
@@ -114,19 +108,18 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 
 class _Splitter:
-    def __init__(self, gm: fx.GraphModule, roles: dict[str, str], split: TokenSplit):
-        self.gm, self.g, self.roles, self.split = gm, gm.graph, roles, split
+    def __init__(self, gm: fx.GraphModule, roles: dict[str, str], ctx: "RankContext", tokens: list[int] | None):
+        self.gm, self.g, self.roles, self.ctx, self.tokens = gm, gm.graph, roles, ctx, tokens
         self.layout: dict[fx.Node, str] = {}
         self.full_shape: dict[fx.Node, tuple] = {}  # split node -> the [B, L, *f] it stands for
         self.gathered: dict[fx.Node, fx.Node] = {}
         self.sliced: dict[fx.Node, fx.Node] = {}
         self.counts = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0, "slices": 0}
-        info = split.info
-        if split.ffn == "sp":
-            self.parts, self.index, self.group = info.cp, info.cp_rank, split.group_names["cp"]
+        if ctx.ffn == "sp":
+            self.parts, self.index, self.group = ctx.cp, ctx.cp_rank, ctx.name("cp")
             self.kind = CHUNK
         else:
-            self.parts, self.index, self.group = info.dp, info.dp_rank, split.group_names["dp"]
+            self.parts, self.index, self.group = ctx.dp, ctx.dp_rank, ctx.name("dp")
             self.kind = GATHERED
         self.skip = self._row_chains()
 
@@ -143,10 +136,10 @@ class _Splitter:
             if n.op == "output":
                 self._output(n)
                 continue
-            if self.split.ffn == "sp" and self._is_embedding(n):
+            if self.ctx.ffn == "sp" and self._is_embedding(n):
                 self._start_chunk(n)
                 continue
-            if self.split.ffn == "world_tp" and self._role(n) in FFN_COLUMN_ROLES:
+            if self.ctx.ffn == "world_tp" and self._role(n) in FFN_COLUMN_ROLES:
                 self._gather_ffn_input(n)
                 continue
             self._propagate(n)
@@ -191,7 +184,7 @@ class _Splitter:
             return len(idx) >= 2 and idx[0] == slice(None) and idx[1] == slice(None) and None not in idx[2:]
         ndim = len(shape(next(i for i in n.all_input_nodes if self.layout.get(i, FULL) != FULL)))
         if n.target is _c10d.all_reduce.default:  # FFN down over tp (sp): the tp group shares this chunk
-            return self.kind == CHUNK and n.args[2] == self.split.group_names.get("tp")
+            return self.kind == CHUNK and n.args[2] == self.ctx.group_names.get("tp")
         if n.target is _c10d.wait_tensor.default:
             return True
         if name in _IDENTITY_LIKE:
@@ -261,14 +254,14 @@ class _Splitter:
         partial = row["partial"]
         if not self._reshards(row):
             return False
-        if self.split.ffn == "sp":
+        if self.ctx.ffn == "sp":
             full = shape(partial)
             with self.g.inserting_before(y):
                 flat = self._flat_padded(partial, full, self.parts * self._chunk_len(full))
                 out = self._wait(insert_call(self.g, _c10d.reduce_scatter_tensor.default, (flat, "sum", self.parts, self.group)))
                 self.counts["reduce_scatter"] += 1
                 out = insert_call(self.g, torch.unsqueeze, (out, 0))
-                if self.split.info.tp > 1:
+                if self.ctx.tp > 1:
                     out = self._all_reduce(out, "tp")
                 if row["bias"] is not None:
                     out = insert_call(self.g, operator.add, (out, row["bias"]))
@@ -277,14 +270,14 @@ class _Splitter:
             if self.layout.get(partial, FULL) != GATHERED:
                 raise TokenSplitError(f"ffn='world_tp': {row['weight']} ({role}) is row-parallel over all ranks but its input is not the gathered FFN tokens")
             full = self.full_shape[partial]
-            t_max = max(self.split.tokens)
+            t_max = max(self.tokens)
             with self.g.inserting_before(y):
                 flat = insert_call(self.g, torch.squeeze, (partial, 0))
                 out = self._wait(insert_call(self.g, _c10d.reduce_scatter_tensor.default, (flat, "sum", self.parts, self.group)))
                 self.counts["reduce_scatter"] += 1
-                if self.split.info.tp * self.split.info.cp > 1:
+                if self.ctx.tp * self.ctx.cp > 1:
                     out = self._all_reduce(out, "replica")
-                mine = self.split.tokens[self.index]
+                mine = self.tokens[self.index]
                 if mine != t_max:
                     out = insert_call(self.g, operator.getitem, (out, slice(0, mine)))
                 out = insert_call(self.g, torch.reshape, (out, full))
@@ -295,7 +288,7 @@ class _Splitter:
         return True
 
     def _reshards(self, row: dict) -> bool:
-        if self.split.ffn == "sp":
+        if self.ctx.ffn == "sp":
             role = row.get("role") or self.roles.get(row["weight"])
             return role in ("o", "embedding") and row["group"] == "replica"
         return row["group"] == "world"
@@ -349,7 +342,7 @@ class _Splitter:
     def _gather_replicas(self, x: fx.Node) -> fx.Node:
         """FULL -> GATHERED (world_tp): every replica's tokens, each padded to the largest count."""
         full = shape(x)
-        tokens = self.split.tokens
+        tokens = self.tokens
         if tokens is None or len(tokens) != self.parts or tokens[self.index] != full[0] * full[1]:
             raise TokenSplitError(
                 f"ffn='world_tp': this replica has {full[0] * full[1]} tokens but the replica layout says {tokens}"
@@ -367,7 +360,7 @@ class _Splitter:
 
     def _all_reduce(self, x: fx.Node, group: str) -> fx.Node:
         self.counts["all_reduce"] += 1
-        return self._wait(insert_call(self.g, _c10d.all_reduce.default, (x, "sum", self.split.group_names[group])))
+        return self._wait(insert_call(self.g, _c10d.all_reduce.default, (x, "sum", self.ctx.name(group))))
 
     def _role(self, n: fx.Node) -> str | None:
         if not is_op(n, "linear"):

@@ -8,7 +8,7 @@
                                          by assert_equivalent)
 
 Mesh validity is computed from the config's numbers with the rules of
-`cpcompile.passes.plan._problems` (which reads the captured graph instead), including the FFN
+`cpcompile.passes.plan.plan_problems` (which reads the captured graph instead), including the FFN
 group's divisibility: the replica's tp*cp ranks for ffn='tp', the tp group for 'sp', all
 dp*tp*cp ranks for 'world_tp', and for MoE configs the experts' group (the FFN group, the
 replica under 'world_tp') under `moe`: each expert's intermediate dim ('tp') or the expert count
@@ -162,7 +162,7 @@ def _ffn_group(ffn: str, tp: int, cp: int, dp: int) -> int:
 
 
 def mesh_problems(config, tp: int, cp: int, combine: str = "all_to_all", dp: int = 1, ffn: str = "tp", moe: str = "tp") -> list[str]:
-    """Why `config` cannot run at (tp, cp, dp, combine, ffn), from its numbers: `plan._problems`'s
+    """Why `config` cannot run at (tp, cp, dp, combine, ffn), from its numbers: `plan.plan_problems`'s
     rules applied to the heads and the projection widths (q, k, v / qkv column over tp; o row over
     the replica, or over tp for 'all_gather'; gate, up, down / gate_up / fc1, fc2 over the FFN
     group: the replica (ffn='tp'), tp ('sp') or every rank ('world_tp'))."""

@@ -101,13 +101,13 @@ def share_on_rank(mesh: dict, seeds: list[int]):
 
     import torch.distributed as dist
 
-    from cpcompile.distributed import init_groups
+    from cpcompile.distributed import rank_context
     from cpcompile.lockstep import agreeing_group, share_rng_state
     from cpcompile.options import Options
 
     options = Options.from_dict(mesh)
-    groups = init_groups(options.tp, options.cp, options.dp, torch.device("cpu"))
-    agreeing = agreeing_group(SimpleNamespace(options=options, groups=groups, rank=groups.info))
+    ctx = rank_context(options, torch.device("cpu"))
+    agreeing = agreeing_group(SimpleNamespace(options=options, ctx=ctx))
     torch.manual_seed(seeds[dist.get_rank()])
     if agreeing is not None:
         share_rng_state(*agreeing, torch.device("cpu"))

@@ -32,8 +32,8 @@ def run_moe(arch, moe, dp, tp, cp, ffn):
         parallelize(model, dp=dp, tp=tp, cp=cp, ffn=ffn, moe=moe, max_length=32, lowering="eager", verify=False)
         got = model.generate(ids.masked_fill(mask == 0, 0), **kw)
     state = model._cpcompile
-    local = {n: tuple(state.parallel.local[n][0].shape) for n in full if n in state.parallel.local}
-    shared = sum(".shared_expert." in n for n in state.parallel.local)
+    local = {n: tuple(state.weights.local[n][0].shape) for n in full if n in state.weights.local}
+    shared = sum(".shared_expert." in n for n in state.weights.local)
     return dict(sequences=got.sequences, logits=torch.stack(got.logits), ref_sequences=want.sequences,
                 ref_logits=torch.stack(want.logits), full=full, local=local, shared=shared,
                 collectives=state.backend.reports[-1].counts["collectives"], layers=model.config.num_hidden_layers)

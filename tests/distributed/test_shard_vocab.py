@@ -40,8 +40,8 @@ def run_tied_padded(vocab_mode):
     except ValueError as e:
         refusal = str(e)
     state = model._cpcompile
-    table = state.parallel.shards.get("model.embed_tokens.weight")
-    shards, local = state.parallel.shards, state.parallel.local
+    table = state.weights.shards.get("model.embed_tokens.weight")
+    shards, local = state.weights.shards, state.weights.local
     stood_in = [n for s in shards.values() for n in (s.weight, s.bias) if n]  # each now 1 element (4 bytes)
     local_bytes = {k: sum(t.numel() * t.element_size() for t in v if t is not None) for k, v in local.items()}
     return dict(
@@ -64,7 +64,7 @@ def test_tied_embedding_and_padded_vocab_are_exact_and_split(world4):
         assert torch.equal(res["sequences"], res["ref_sequences"]), f"rank {r}"
         torch.testing.assert_close(res["logits"], res["ref_logits"], atol=FP32_ATOL, rtol=0)
         assert res["logits"].shape[-1] == VOCAB  # the padding is cut off, never sampled
-        # the replica rank order is (cp, tp): RankInfo.ranks('replica'), rank r holds block r here
+        # the replica rank order is (cp, tp): RankContext.ranks('replica'), rank r holds block r here
         lo = r * per
         assert res["rows"] == (list(range(lo, min(lo + per, VOCAB))), per)
         assert res["embed_is_stand_in"] and res["head_is_embed"]  # one stand-in, still tied

@@ -28,13 +28,13 @@ def load_on_rank(path: str, arch: str, overrides: dict, mesh: dict, verify: bool
     loaded = cpcompile.from_pretrained(path, **mesh, verify=verify, lowering="aot_eager", max_length=32)
     s = loaded._cpcompile
     same_shards, shard_bytes = True, 0
-    for name, shard in s.parallel.shards.items():
+    for name, shard in s.weights.shards.items():
         want_w, want_b = local_tensors(shard, params[name].detach(), params[shard.bias].detach() if shard.bias else None)
-        got_w, got_b = s.parallel.local[name]
+        got_w, got_b = s.weights.local[name]
         same_shards &= torch.equal(got_w, want_w) and (got_b is None) == (want_b is None)
         same_shards &= want_b is None or torch.equal(got_b, want_b)
         shard_bytes += _nbytes(want_w) + _nbytes(want_b)
-    sharded = {n for sh in s.parallel.shards.values() for n in (sh.weight, sh.bias) if n}
+    sharded = {n for sh in s.weights.shards.values() for n in (sh.weight, sh.bias) if n}
     replicated = {id(p): p for n, p in full.named_parameters() if n not in sharded}.values()
     tokens = []
     for ids, mask in PROMPTS:

@@ -101,11 +101,11 @@ def test_later_graphs_reuse_the_structure_instead_of_probing(monkeypatch):
 def test_an_up_projected_cache_not_read_as_mla_is_refused_at_tp_cp_above_one():
     """kv_up and mla_q are replicated: a layer whose expansion absorb_latent could not read would get
     per-head K/V for every head beside TP-sliced queries. The plan refuses such a layer's sharding."""
-    from cpcompile.passes.plan import Mesh, _problems
+    from cpcompile.passes.plan import Mesh, plan_problems
 
     model, gm = hf_graph("deepseek_v3")
     analysis = analyze(gm, Options(), weight_names(model, gm))
-    assert not _problems(analysis.roles, analysis.sites, Mesh(tp=2))
+    assert not plan_problems(analysis.roles, analysis.sites, Mesh(tp=2))
     analysis.sites[1].latent = None
-    (problem,) = _problems(analysis.roles, analysis.sites, Mesh(tp=2))
-    assert problem.startswith("layer 1: its K/V are up-projected") and not _problems(analysis.roles, analysis.sites, Mesh())
+    (problem,) = plan_problems(analysis.roles, analysis.sites, Mesh(tp=2))
+    assert problem.startswith("layer 1: its K/V are up-projected") and not plan_problems(analysis.roles, analysis.sites, Mesh())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cpcompile.distributed import RankInfo
+from cpcompile.distributed import RankContext
 from cpcompile.options import Options
 from cpcompile.parallelize import capture
 from cpcompile.passes.shard_weights import head_ranges, shard_weights
@@ -10,8 +10,8 @@ from cpcompile.tiny import tiny_model
 
 
 def _shards(arch, tp, cp, rank, combine="all_to_all"):
-    analysis = capture(tiny_model(arch), Options())
-    return shard_weights(analysis, RankInfo(tp, cp, 1, rank), combine)
+    analysis = capture(tiny_model(arch), Options(tp=tp, cp=cp, combine=combine))  # planned for this mesh
+    return shard_weights(analysis, RankContext(tp, cp, 1, combine, rank=rank))
 
 
 def _cols(shards, fragment):
@@ -49,8 +49,8 @@ def test_kv_head_replicated_when_tp_exceeds_hkv():
 
 @pytest.mark.parametrize("combine, heads", [("all_to_all", (3, 4)), ("ag_rs", (3, 4)), ("all_gather", (2, 4))])
 def test_o_proj_follows_the_combine(combine, heads):
-    info = RankInfo(2, 2, 1, 3)  # tp_rank 1, cp_rank 1
-    assert head_ranges(info, 4, combine)["out"] == heads
+    ctx = RankContext(2, 2, 1, combine, rank=3)  # tp_rank 1, cp_rank 1
+    assert head_ranges(ctx, 4)["out"] == heads
     s = _shards("llama", 2, 2, 3, combine)
     assert _cols(s, "o_proj") == list(range(16 * heads[0], 16 * heads[1]))
     assert _cols(s, "down_proj") == list(range(96, 128))  # replica rank 3 of 4: the last I/4

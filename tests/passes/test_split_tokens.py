@@ -4,16 +4,16 @@ the shapes the token-wise region takes, and the refusals (exactness is tests/dis
 import pytest
 import torch
 
-from cpcompile.distributed import RankInfo
+from cpcompile.distributed import RankContext
 from cpcompile.options import Options
-from cpcompile.passes import Parallel, analyze, count_collectives, ffn_tokens
+from cpcompile.passes import analyze, count_collectives, ffn_tokens
 from cpcompile.passes._fx import is_op, shape
 from cpcompile.passes.gather_replicas import gather_replicas
-from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
+from cpcompile.passes.rewrite_attention import rewrite_attention
 from cpcompile.passes.local_layouts import keep_local
 from cpcompile.passes.shard_linears import shard_linears
-from cpcompile.passes.shard_weights import local_tensors, shard_weights
-from cpcompile.passes.split_tokens import TokenSplit, TokenSplitError, split_tokens
+from cpcompile.passes.shard_weights import RankWeights, local_tensors, shard_weights
+from cpcompile.passes.split_tokens import TokenSplitError, split_tokens
 from cpcompile.data_parallel import REPLICA_LAYOUT
 from tests.passes._graphs import hf_graph, weight_names
 
@@ -24,25 +24,20 @@ def _rewritten(model, gm, dp, tp, cp, ffn, rank=0):
     """Run passes 1-5 as `run_passes` does for this rank; returns the analysis."""
     options = Options(tp=tp, cp=cp, dp=dp, ffn=ffn)
     analysis = analyze(gm, options, weight_names(model, gm))
-    info = RankInfo(tp, cp, dp, rank)
-    shards = shard_weights(analysis, info, options.combine, ffn)
+    ctx = RankContext.of(options, rank, NAMES)
+    shards = shard_weights(analysis, ctx)
     params = dict(model.named_parameters())
     local = {n: local_tensors(s, params[n].detach(), params.get(n[:-6] + "bias")) for n, s in shards.items()}
-    rewrite_attention(gm, analysis.sites, AttentionParallel(info, options.combine, NAMES))
-    sizes = {"tp": tp, "cp": cp, "dp": dp, "replica": tp * cp, "world": dp * tp * cp}
-    shard_linears(gm, shards, local, NAMES, sizes)
+    rewrite_attention(gm, analysis.sites, ctx)
+    shard_linears(gm, RankWeights(shards, local), ctx)
     keep_local(gm)
-    return analysis, info
-
-
-def _roles(analysis):
-    return {p.weight: p.role for p in analysis.roles.projections}
+    return analysis, ctx
 
 
 def test_sp_chunks_the_residual_stream():
     model, gm = hf_graph("llama", batch=3, prompt=5)  # T = 15 tokens, cp = 2: chunks of 8
-    analysis, info = _rewritten(model, gm, 1, 1, 2, "sp", rank=1)
-    counts = split_tokens(gm, _roles(analysis), TokenSplit("sp", info, NAMES))
+    analysis, ctx = _rewritten(model, gm, 1, 1, 2, "sp", rank=1)
+    counts = split_tokens(gm, analysis.placements, ctx)
     layers = model.config.num_hidden_layers
     assert counts == {"all_gather": layers + 1, "reduce_scatter": layers, "all_reduce": 0, "slices": 1}
     assert ffn_tokens(gm, analysis) == [8] * layers
@@ -59,8 +54,8 @@ def test_sp_chunks_the_residual_stream():
 
 def test_sp_tp2_sums_o_over_tp_after_the_reduce_scatter():
     model, gm = hf_graph("qwen3", batch=2, prompt=3)
-    analysis, info = _rewritten(model, gm, 1, 2, 2, "sp", rank=3)
-    counts = split_tokens(gm, _roles(analysis), TokenSplit("sp", info, NAMES))
+    analysis, ctx = _rewritten(model, gm, 1, 2, 2, "sp", rank=3)
+    counts = split_tokens(gm, analysis.placements, ctx)
     layers = model.config.num_hidden_layers
     assert counts["reduce_scatter"] == layers and counts["all_reduce"] == layers  # o's rest over tp
     reduces = [n.args[2] for n in gm.graph.nodes if n.target is torch.ops._c10d_functional.all_reduce.default]
@@ -70,8 +65,8 @@ def test_sp_tp2_sums_o_over_tp_after_the_reduce_scatter():
 
 def test_world_tp_gathers_every_replicas_tokens_around_the_ffn():
     model, gm = hf_graph("gpt_neox", batch=2, prompt=3)  # this replica: 6 tokens; the other: 4
-    analysis, info = _rewritten(model, gm, 2, 1, 1, "world_tp", rank=0)
-    counts = split_tokens(gm, _roles(analysis), TokenSplit("world_tp", info, NAMES, tokens=[6, 4]))
+    analysis, ctx = _rewritten(model, gm, 2, 1, 1, "world_tp", rank=0)
+    counts = split_tokens(gm, analysis.placements, ctx, tokens=[6, 4])
     layers = model.config.num_hidden_layers
     assert counts == {"all_gather": layers, "reduce_scatter": layers, "all_reduce": 0, "slices": 0}
     assert ffn_tokens(gm, analysis) == [12] * layers  # 2 replicas x 6 (the largest)
@@ -87,9 +82,9 @@ def test_world_tp_refuses_a_token_mixing_op_inside_the_ffn(monkeypatch):
 
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", mixing_mlp)
     model, gm = hf_graph("llama", batch=2, prompt=3)
-    analysis, info = _rewritten(model, gm, 2, 1, 1, "world_tp", rank=1)
+    analysis, ctx = _rewritten(model, gm, 2, 1, 1, "world_tp", rank=1)
     with pytest.raises(TokenSplitError, match=r"ffn='world_tp': .*cumsum.* not a token-wise op"):
-        split_tokens(gm, _roles(analysis), TokenSplit("world_tp", info, NAMES, tokens=[6, 6]))
+        split_tokens(gm, analysis.placements, ctx, tokens=[6, 6])
 
 
 def test_sp_gathers_before_a_token_mixing_op(monkeypatch):
@@ -101,8 +96,8 @@ def test_sp_gathers_before_a_token_mixing_op(monkeypatch):
 
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", mixing_mlp)
     model, gm = hf_graph("llama", batch=2, prompt=3)
-    analysis, info = _rewritten(model, gm, 1, 1, 2, "sp", rank=0)
-    counts = split_tokens(gm, _roles(analysis), TokenSplit("sp", info, NAMES))
+    analysis, ctx = _rewritten(model, gm, 1, 1, 2, "sp", rank=0)
+    counts = split_tokens(gm, analysis.placements, ctx)
     layers = model.config.num_hidden_layers
     assert counts["all_gather"] == 2 * layers + 1
     for n in gm.graph.nodes:
@@ -120,7 +115,7 @@ def test_gather_replicas_takes_the_real_rows_back_in_order():
     for u in list(ids.users):
         if u is not marker:
             u.replace_input_with(ids, marker)
-    counts = gather_replicas(gm, dp_rank=1, dp_group="group_dp", gather_outputs=True)
+    counts = gather_replicas(gm, RankContext(dp=2, rank=1, group_names={"dp": "group_dp"}), gather_outputs=True)
     assert counts == {"all_gather": 1}
     assert not any(n.target is REPLICA_LAYOUT for n in gm.graph.nodes)
     (logits,) = next(n for n in gm.graph.nodes if n.op == "output").args[0]
