@@ -1,4 +1,4 @@
-"""Local layouts (pass 5a, cpcompile/passes/local_layouts.py): what a rank allocates and computes
+"""Local layouts (cpcompile/passes/local_layouts.py): what a rank allocates and computes
 outside the matmuls, before and after, and what a 4096-token prefill costs on a gloo world.
 
     python benchmarks/bench_local_layouts.py                       # both parts, defaults
@@ -21,7 +21,7 @@ ancestor that Dynamo traced inside `layers.<i>`):
     (pad, cat, index_select, slicing copies), a matmul, the attention kernel or a collective, plus
     one per input element of a reduction (sum / mean / norms);
 
-for the single device (tp = cp = 1: the attention kernel, no sharding), the rank *before* (pass 5a
+for the single device (tp = cp = 1: the attention kernel, no sharding), the rank *before* (local_layouts
 off: the sharded values padded back to full width, as cpcompile did until issue 13) and *after*,
 and the *ideal*: each single-device node divided by r, the number of ranks its values are split
 over (q's heads: tp; K/V's heads: tp, which is more than the KV heads allow at tp > Hkv; the
@@ -31,10 +31,10 @@ Goal printed: after within 5% of ideal, except where the combine adds work (the 
 partial outputs at cp > 1) or the duplicated KV heads of tp > Hkv.
 
 `--sweep`: every architecture of cpcompile/tiny.py at every mesh shape the suite runs, at every
-rank: pads and kept-full nodes left after pass 5a (goal: 0 and 0), statistics all-reduced.
+rank: pads and kept-full nodes left after local_layouts (goal: 0 and 0), statistics all-reduced.
 
 Part `prefill` (timed, `--tokens` 4096 on CPU, tp = 2, gloo, Inductor). Each rank of a 2-rank
-World parallelizes the same model twice, once with pass 5a off (before) and once on (after), with
+World parallelizes the same model twice, once with local_layouts off (before) and once on (after), with
 `prefill_chunk = tokens`, so the prompt is one graph; after a compiling warm-up call each, `--reps`
 rounds alternate the two (the order rotated per round); a round's time is the slower rank's, the
 figure the median. Peak memory per rank: one more call of each, the peak resident memory during
@@ -183,78 +183,47 @@ def build_model(a: dict):
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
-def _capture(model, cache, rows: int, tokens: int, max_length: int):
-    """The one FX graph Dynamo makes of a forward over `cache` (the cache-read marker raises after capture)."""
-    from cpcompile._hf import cache_arg
-
-    graphs = []
-
-    def backend(gm, example_inputs, **_):
-        gm.example_inputs = list(example_inputs)
-        graphs.append(gm)
-        return gm.forward
-
-    ids = torch.randint(3, model.config.vocab_size, (rows, tokens), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(rows, max_length, dtype=torch.long)
-    fn = torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=False)
-    try:
-        with torch.no_grad():
-            fn(input_ids=ids, attention_mask=mask, **{cache_arg(model): cache}, use_cache=True)
-    except RuntimeError as e:
-        if not graphs:
-            raise
-    torch._dynamo.reset()
-    return graphs[0]
-
-
 def rank_graphs(model, tp: int, cp: int, combine: str, rank: int, rows: int, tokens: int, max_length: int) -> dict:
-    """{'single', 'before', 'after'} graphs of one rank (pass 5a off / on) and the single device's ideal factors."""
-    from cpcompile.cache import KVCache
-    from cpcompile.distributed import RankInfo
+    """The single device's graph and rank `rank`'s with local_layouts off ('before') and on ('after'),
+    every pass run as explain runs them (`cpcompile.explain.rank_graph`); the combine's nodes of each
+    rank graph; local_layouts' counts; the single device's ideal factors."""
+    import cpcompile.passes as passes
+    from cpcompile.distributed import RankContext
+    from cpcompile.explain import rank_graph
     from cpcompile.options import Options
-    from cpcompile.passes import analyze
-    from cpcompile.passes.absorb_latent import latent_layers
-    from cpcompile.passes.find_projections import input_names, param_names
-    from cpcompile.passes.local_layouts import keep_local
-    from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
-    from cpcompile.passes.shard_linears import shard_linears
-    from cpcompile.passes.shard_weights import local_tensors, shard_weights
+    from cpcompile.parallelize import capture
+    from cpcompile.passes.shard_weights import shard_weights
 
-    layers, names = model.config.num_hidden_layers, {g: f"bench_{g}" for g in ("tp", "cp", "dp", "replica", "world")}
-    sizes = {"tp": tp, "cp": cp, "dp": 1, "replica": tp * cp, "world": tp * cp}
     options = Options(tp=tp, cp=cp, combine=combine)
-    pnames = param_names(model)
+    analysis = capture(model, options)
+    real, out = passes.keep_local, {}
 
-    def analysed(gm, opts, latents=None):
-        return analyze(gm, opts, input_names(gm, gm.example_inputs, pnames), latents)
-
-    single = _capture(model, KVCache(layers, max_length).allocate(model, rows), rows, tokens, max_length)
-    plan = analysed(single, options)
-    info = RankInfo(tp, cp, 1, rank)
-    shards = shard_weights(plan, info, combine, options.ffn)
-    params = dict(model.named_parameters())
-    local = {n: local_tensors(s, params[n].detach(), params.get(n[:-6] + "bias")) for n, s in shards.items()}
-    out = {}
-    for keep in (False, True):
-        cache = KVCache(layers, max_length, cp=cp, cp_rank=info.cp_rank, tp=tp, tp_rank=info.tp_rank,
-                        latent=latent_layers(plan.sites)).allocate(model, rows)
-        gm = _capture(model, cache, rows, tokens, max_length)
-        a = analysed(gm, options, {s.index: s.latent for s in plan.sites if s.latent is not None})
-        rewrite_attention(gm, a.sites, AttentionParallel(info, combine, names))
-        shard_linears(gm, shards, local, names, sizes)
-        out["combine_" + ("after" if keep else "before")] = combine_nodes(gm)
-        counts = keep_local(gm) if keep else None
-        if not keep:
+    def run(variant):
+        def keep_local(gm):  # the combine's nodes, read while rewrite_attention's mark is still there
+            out["combine_" + variant] = combine_nodes(gm)
+            if variant == "after":
+                return real(gm)
             for n in gm.graph.nodes:
                 n.meta.pop("cpcompile_local", None)
-        out["after" if keep else "before"] = gm
-        out["counts"] = counts
-    a1 = analysed(single, Options())
-    rewrite_attention(single, a1.sites, None)
+            return {"seeds": 0, "local": 0, "ends": 0, "statistics": 0, "kept_full": 0}
+
+        passes.keep_local = keep_local
+        try:
+            report, gm = rank_graph(model, options, analysis, rank, rows, tokens, max_length)
+        finally:
+            passes.keep_local = real
+        out[variant] = gm
+        if variant == "after":
+            out["counts"] = {k[len("local_"):]: v for k, v in report.counts.items() if k.startswith("local_")}
+
+    run("before")
+    run("after")
+    report, single = rank_graph(model, Options(), None, 0, rows, tokens, max_length)
+    ctx = RankContext.of(options, rank, {g: f"bench_{g}" for g in ("tp", "cp", "dp", "replica", "world")})
+    shards = shard_weights(analysis, ctx)
     out_r = tp * cp if combine != "all_gather" and cp > 1 else tp
     out["single"] = single
-    out["ideal"] = ideal_factor(single, a1, {p.weight: shards.get(p.weight) for p in a1.roles.projections if p.weight in shards},
-                                sizes, out_r)
+    out["ideal"] = ideal_factor(single, report.analysis, shards, {g: ctx.size(g) for g in ("tp", "cp", "replica")}, out_r)
     return out
 
 
@@ -288,7 +257,7 @@ def print_graph(rows: list[dict]) -> None:
         if cmb["bytes"] or cmb["flops"]:
             print(f"{'':<27}the combine, apart (not in the columns above): {cmb['bytes'] / 1024:.1f} KiB, "
                   f"{cmb['flops'] / 1000:.1f} kFLOP per layer")
-        print(f"{'':<27}pass 5a: {c['seeds']} seeds, {c['local']} nodes local, {c['ends']} ends, "
+        print(f"{'':<27}local_layouts: {c['seeds']} seeds, {c['local']} nodes local, {c['ends']} ends, "
               f"{c['statistics']} statistics, {c['kept_full']} kept full")
 
 

@@ -356,21 +356,27 @@ def explain(
     if not problems:
         options = Options(tp=tp, cp=cp, dp=dp, combine=combine, ffn=ffn, kv_interleave=kv_interleave, vocab=vocab, moe=moe,
                           mla_uv=mla_uv)
-        out.report, gm = _run_passes(traced, options, planned)
+        out.report, gm = rank_graph(traced, options, planned)
         out.collectives = graph_collectives(gm, planned)
         out.kept_full = list(gm.meta.get("cpcompile_kept_full", []))
     return out
 
 
-def _run_passes(model, options: Options, analysis: Analysis):
-    """(report, rewritten graph) of rank 0's decode step under `options` (module docstring)."""
+def rank_graph(model, options: Options, analysis: Analysis | None = None, rank: int = 0, rows: int = 1,
+               tokens: int = 1, max_length: int = 64):
+    """(pass report, rewritten graph) of rank `rank`'s forward of `rows` x `tokens` (default: a decode
+    step) under `options`, every pass run with a context of placeholder group names and the local
+    weights sliced from `model`; the graph is never run. `analysis`: `capture`'s at `options`' mesh
+    (captured here when None). What explain reads; tests and benchmarks read the same graph."""
     from cpcompile.distributed import RankContext
-    from cpcompile.parallelize import trace_passes
+    from cpcompile.parallelize import capture, trace_passes
     from cpcompile.passes.shard_weights import RankWeights, local_tensors, shard_weights
 
+    if analysis is None:
+        analysis = capture(model, options)
     ctx, weights = None, None
     if options.tp * options.cp * options.dp > 1:
-        ctx = RankContext.of(options, 0, _NAMES)
+        ctx = RankContext.of(options, rank, _NAMES)
         shards = shard_weights(analysis, ctx)
         params = dict(model.named_parameters())
         local = {}
@@ -378,4 +384,4 @@ def _run_passes(model, options: Options, analysis: Analysis):
             bias = params[shard.bias].detach() if shard.bias and shard.bias in params else None
             local[name] = local_tensors(shard, params[name].detach(), bias)
         weights = RankWeights(shards, local)
-    return trace_passes(model, options, analysis, ctx, weights)
+    return trace_passes(model, options, analysis, ctx, weights, max_length, rows, tokens)

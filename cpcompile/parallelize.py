@@ -121,11 +121,12 @@ def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prom
 
 
 def trace_passes(model: torch.nn.Module, options: Options, analysis: Analysis, ctx: "RankContext | None",
-                 weights: "RankWeights | None", max_length: int = 64) -> tuple[PassReport, torch.fx.GraphModule]:
-    """Run every pass, for the rank `ctx`, on the graph of one decode step (one row per replica, the
-    first token of a cache of `max_length`) as the serving engine calls it: the cache of this rank's
-    slots, the replica layout under dp > 1. The graph is rewritten, never run (`cpcompile.explain`).
-    `analysis`: `capture`'s, at `options`' mesh."""
+                 weights: "RankWeights | None", max_length: int = 64, rows: int = 1,
+                 tokens: int = 1) -> tuple[PassReport, torch.fx.GraphModule]:
+    """Run every pass, for the rank `ctx`, on the graph of one forward of `rows` x `tokens` (by default
+    a decode step: one row per replica, the first token of a cache of `max_length`) as the serving
+    engine calls it: the cache of this rank's slots, the replica layout under dp > 1. The graph is
+    rewritten, never run (`cpcompile.explain`). `analysis`: `capture`'s, at `options`' mesh."""
     from cpcompile.passes.absorb_latent import latent_layers
 
     params = param_names(model)
@@ -140,14 +141,18 @@ def trace_passes(model: torch.nn.Module, options: Options, analysis: Analysis, c
     cache = KVCache(_num_layers(model), max_length, cp=options.cp, cp_rank=ctx.cp_rank if ctx else 0,
                     kv_interleave=options.kv_interleave, tp=options.tp, tp_rank=ctx.tp_rank if ctx else 0,
                     latent=latent_layers(analysis.sites))  # as the serving engine allocates it (serving.py)
-    cache.allocate_shapes(kv_shapes(model), 1, device)
-    ids = torch.ones(1, 1, dtype=torch.long, device=device)
-    mask = torch.zeros(1, cache.max_length, dtype=torch.long, device=device)
-    mask[:, 0] = 1
+    if options.dp > 1 and (rows, tokens) != (1, 1):
+        raise ValueError(f"trace_passes: rows={rows}, tokens={tokens} at dp={options.dp}; only a decode step's layout is traced")
+    if tokens > max_length:
+        raise ValueError(f"trace_passes: {tokens} tokens do not fit max_length={max_length}")
+    cache.allocate_shapes(kv_shapes(model), rows, device)
+    ids = torch.ones(rows, tokens, dtype=torch.long, device=device)
+    mask = torch.zeros(rows, cache.max_length, dtype=torch.long, device=device)
+    mask[:, :tokens] = 1
     kwargs = dict(attention_mask=mask, **{cache_arg(model): cache}, use_cache=True)
     params_in = set(forward_parameters(model))
     if "position_ids" in params_in:
-        kwargs["position_ids"] = torch.zeros(1, 1, dtype=torch.long, device=device)
+        kwargs["position_ids"] = torch.arange(tokens, device=device).expand(rows, tokens)
     if "logits_to_keep" in params_in:
         kwargs["logits_to_keep"] = 1
     model_forward = model.forward

@@ -9,13 +9,14 @@
                        and slots, plus the CP combine collectives; MLA sites are absorbed
                        into attention over the cached latent (absorb_latent). (rewrites)
 5. shard_linears     — sharded projections -> local linears + all-reduces.     (rewrites)
-5a. local_layouts    — the sharded activations stay local from those linears and the
-                       attention to their row-parallel consumers (no full-width pad);
-                       a norm over a sharded dim all-reduces its statistic.     (rewrites)
 5b. shard_vocab      — embedding lookups and the LM head over this rank's vocab rows,
                        + an all-reduce / all-gather over the replica.           (rewrites)
 5c. shard_experts    — MoE grouped matmuls over this rank's expert columns (moe='tp') or
                        experts (moe='ep'), + one all-reduce after the routed combine. (rewrites)
+5d. local_layouts    — the sharded activations stay local from the linears, expert
+                       matmuls and attention of 4-5c to their row-parallel consumers
+                       (no full-width pad); a norm over a sharded dim all-reduces its
+                       statistic.                                               (rewrites)
 6. gather_replicas   — dp > 1: the replica-layout marker out; in global mode the
                        outputs all-gathered over the dp group.                  (rewrites)
 7. split_tokens      — ffn='sp' / 'world_tp': the token layout outside attention
@@ -162,15 +163,15 @@ def run_passes(
     if ctx is not None:
         counts["linears_sharded"] = sum(shard_linears(gm, weights, ctx).values())
         dump(gm, "2-shard_linears")
-        local = keep_local(gm)
-        counts.update({f"local_{k}": v for k, v in local.items()})
-        dump(gm, "2a-local_layouts")
         vocab = shard_vocab(gm, weights, ctx)
         counts["vocab_sharded"] = vocab["embedding"] + vocab["lm_head"]
         dump(gm, "2b-shard_vocab")
         experts = shard_experts(gm, weights, ctx, {p.weight: p.role for p in analysis.roles.projections})
         counts["experts_sharded"] = experts["expert_tp"] + experts["expert_ep"]
         dump(gm, "2c-shard_experts")
+        local = keep_local(gm)  # after every pass that pads a shard back to full width
+        counts.update({f"local_{k}": v for k, v in local.items()})
+        dump(gm, "2d-local_layouts")
         layout = replica_layout(gm)
         if options.dp > 1:
             gather_replicas(gm, ctx, options.dp_inputs == "global")

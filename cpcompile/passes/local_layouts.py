@@ -1,8 +1,8 @@
-"""Pass 5a — keep sharded activations local: no pad back to full width, no slice back to the shard.
+"""Pass 5d — keep sharded activations local: no pad back to full width, no slice back to the shard.
 
-`shard_linears` and `rewrite_attention` first write each sharded result back into the single-device
-width (a column linear's output at this rank's columns, the attention output at this rank's heads,
-zeros elsewhere), so that every op Dynamo traced still sees its traced shape. This pass then
+`shard_linears`, `shard_experts` and `rewrite_attention` first write each sharded result back into the
+single-device width (a column linear's or expert matmul's output at this rank's columns, the attention
+output at this rank's heads, zeros elsewhere), so that every op Dynamo traced still sees its traced shape. This pass then
 carries the *local* tensor forward instead, op by op, the way `split_tokens` carries a token
 layout: a feature-sharded layout `Local(dim, idx, full)` says "this node's values along `dim` are
 the single-device node's at the sorted indices `idx` of `full`" (DESIGN.md section 3, "Layouts

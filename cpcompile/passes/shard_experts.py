@@ -5,7 +5,8 @@ shards `shard_weights.expert_shards` decided; `grouped_mm(x [S, in], W [E, in, o
 group g of x, the rows routed to expert g after HF sorted them by expert, through W[g]):
   * moe='tp' ("expert-column" / "expert-row"): as a dense FFN. expert_up runs on this rank's
     columns of every expert and is placed back at their positions of the full width (zeros
-    elsewhere, as shard_linears does); expert_down reads its input chunk and makes a partial sum.
+    elsewhere, as shard_linears does, marked for local_layouts to keep local); expert_down reads
+    its input chunk and makes a partial sum.
     Every token visits its experts on every rank.
   * moe='ep' ("expert"): this rank holds experts [e0, e1) whole. Each grouped matmul runs only on
     the rows routed to them: x's rows are rotated so that the first local row comes first
@@ -39,6 +40,7 @@ from torch import fx
 
 from cpcompile.passes._fx import erase_unused, insert_call, is_op, shape, val
 from cpcompile.passes.find_projections import grouped_mm_args, is_grouped_mm
+from cpcompile.passes.local_layouts import mark_local
 from cpcompile.passes.shard_linears import all_reduce, graph_constant, place_columns
 from cpcompile.passes.shard_weights import RankWeights
 
@@ -82,8 +84,10 @@ def shard_experts(
                 y = _local_experts(g, n, x, w_node, rotations[key])
                 counts["expert_ep"] += 1
             elif shard.kind == "expert-column":
-                y = _grouped(g, n, x, w_node, offs)
-                y = place_columns(gm, y, shard, shape(n)[-1])
+                y_loc = _grouped(g, n, x, w_node, offs)
+                y = place_columns(gm, y_loc, shard, shape(n)[-1])
+                mark_local(y, y_loc, -1, shard.cols.tolist(), shape(n)[-1], shard.group, ctx.name(shard.group),
+                           ctx.size(shard.group))  # kept local by local_layouts
                 counts["expert_tp"] += 1
             else:
                 c = shard.cols

@@ -1,4 +1,4 @@
-"""local_layouts (pass 5a): sharded activations stay local from the column linears and the attention
+"""local_layouts: sharded activations stay local from the column linears and the attention
 to their row-parallel consumers. Small hand-written modules pin each case (per-head norm, gated FFN,
 a norm over the whole sharded width with its one statistic all-reduce, an op with no rule kept at
 full width, the refusal when such an op feeds a statistic), exact on a 2-rank gloo world against an
@@ -15,7 +15,10 @@ from torch import nn
 from cpcompile.passes._fx import shape
 from cpcompile.passes.local_layouts import LayoutError, keep_local
 from cpcompile.passes.shard_linears import shard_linears
-from cpcompile.passes.shard_weights import WeightShard
+from cpcompile.distributed import RankContext
+from cpcompile.explain import rank_graph
+from cpcompile.options import Options
+from cpcompile.passes.shard_weights import RankWeights, WeightShard
 from cpcompile.tiny import ARCHITECTURES, MLA_ARCHITECTURES, MOE_ARCHITECTURES, tiny_model
 from tests.passes._graphs import capture_graph
 
@@ -89,7 +92,7 @@ def _sharded(module: nn.Module, rank: int, tp: int = 2):
         else:
             local[f"{name}.weight"] = (w[:, cols], bias)
         shards[f"{name}.weight"] = WeightShard(f"{name}.weight", kind, "tp", cols, (out, inp))
-    shard_linears(gm, shards, local, NAMES, {"tp": tp})
+    shard_linears(gm, RankWeights(shards, local), RankContext.of(Options(tp=tp), rank, NAMES))
     return gm, keep_local(gm), (x, cos)
 
 
@@ -209,59 +212,37 @@ def _model(arch: str):
 
 
 def _rewritten(arch: str, tp: int, cp: int, combine: str, rank: int):
-    """Passes 1-5a as run_passes runs them on `rank`: the plan from the single-device capture (as at
-    parallelize), the rewrite on a graph captured against the rank's own KV cache (as when serving)."""
-    from cpcompile._hf import cache_arg
-    from cpcompile.cache import KVCache
-    from cpcompile.distributed import RankInfo
-    from cpcompile.options import Options
-    from cpcompile.passes import analyze
-    from cpcompile.passes.absorb_latent import latent_layers
-    from cpcompile.passes.rewrite_attention import AttentionParallel, rewrite_attention
-    from cpcompile.passes.shard_weights import local_tensors, shard_weights
-    from tests.passes._graphs import weight_names
-
+    """Rank `rank`'s graph of a 2 x 3-token prefill with every pass run, as explain builds it."""
     model = _model(arch)
-    ids = torch.randint(3, 200, (2, 3), generator=torch.Generator().manual_seed(0))
-    gm = capture_graph(model.forward, input_ids=ids, attention_mask=torch.ones(2, 16, dtype=torch.long),
-                       **{cache_arg(model): KVCache(model.config.num_hidden_layers, 16).allocate(model, 2)}, use_cache=True)
-    options = Options(tp=tp, cp=cp, combine=combine)
-    analysis = analyze(gm, options, weight_names(model, gm))
-    info = RankInfo(tp, cp, 1, rank)
-    shards = shard_weights(analysis, info, combine, options.ffn)
-    params = dict(model.named_parameters())
-    local = {n: local_tensors(s, params[n].detach(), params.get(n[:-6] + "bias")) for n, s in shards.items()}
-    cache = KVCache(model.config.num_hidden_layers, 16, cp=cp, cp_rank=info.cp_rank, tp=tp, tp_rank=info.tp_rank,
-                    latent=latent_layers(analysis.sites)).allocate(model, 2)
-    gm = capture_graph(model.forward, input_ids=ids, attention_mask=torch.ones(2, 16, dtype=torch.long),
-                       **{cache_arg(model): cache}, use_cache=True)
-    rank_analysis = analyze(gm, options, weight_names(model, gm), {s.index: s.latent for s in analysis.sites if s.latent is not None})
-    pads_before = _pads(gm)
-    rewrite_attention(gm, rank_analysis.sites, AttentionParallel(info, combine, NAMES))
-    shard_linears(gm, shards, local, NAMES, {"tp": tp, "cp": cp, "dp": 1, "replica": tp * cp, "world": tp * cp})
-    return model, gm, keep_local(gm), pads_before
+    report, gm = rank_graph(model, Options(tp=tp, cp=cp, combine=combine), rank=rank, rows=2, tokens=3, max_length=16)
+    return model, gm, {k[len("local_"):]: v for k, v in report.counts.items() if k.startswith("local_")}
 
 
 @pytest.mark.parametrize("arch, mesh", CASES, ids=[f"{a}-{m[0]}x{m[1]}-{m[2]}-r{m[3]}" for a, m in CASES])
 def test_no_pad_or_full_width_buffer_on_any_architecture(arch, mesh):
-    model, gm, counts, pads_before = _rewritten(arch, *mesh)
+    model, gm, counts = _rewritten(arch, *mesh)
     layers = model.config.num_hidden_layers
     assert counts["kept_full"] == 0, gm.meta["cpcompile_kept_full"]
-    assert _pads(gm) == pads_before  # every pad and scatter the sharding inserted is gone
+    assert _pads(gm) == 0  # every pad and scatter the sharding inserted is gone
     assert counts["statistics"] == STATISTIC_ARCHS.get(arch, 0) * layers * (mesh[0] > 1)  # (q, k replicated at tp = 1)
     assert counts["seeds"] >= layers  # at least the attention output of every layer was local
-    if arch != "mixtral":  # (its intermediate size is its experts', sharded later by shard_experts)
-        wide = _full_width_buffers(model, gm)
-        assert wide == [], wide[:3]
+    wide = _full_width_buffers(model, gm)
+    assert wide == [], wide[:3]
 
 
 def _full_width_buffers(model, gm) -> list[str]:
-    """Nodes (other than the linears on local weights) whose last dim is the dense FFN's full intermediate size (every FFN is sharded at these
-    meshes): the `silu(gate) * up` buffer a pad back to full width would leave. (Routed experts are
-    shard_experts' business, after this pass.)"""
+    """Nodes (other than linears on local weights) whose last dim is the FFN's full intermediate size
+    (every FFN is sharded at these meshes; Mixtral's is its experts'): the `silu(gate) * up` buffer a
+    pad back to full width would leave."""
+    from cpcompile.passes._fx import descendants
+
     width = model.config.intermediate_size
+    head = [n for n in gm.graph.nodes if str(n.meta.get("cpcompile_weight", "")).startswith("lm_head")]
+    logits = descendants(head, lambda n: False) | set(head)  # (the vocab shard's logits may be as wide)
     out = []
     for n in gm.graph.nodes:
+        if n in logits:
+            continue
         v = n.meta.get("val")
         if n.op == "call_function" and n.target is not torch._C._nn.linear and isinstance(v, torch.Tensor) \
                 and v.dim() >= 2 and v.shape[-1] == width:  # (a local linear's output is local by construction)
