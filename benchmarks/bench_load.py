@@ -95,7 +95,7 @@ def run_rank(path: str, how: str, mesh: dict, lowering: str, new_tokens: int, ma
     import transformers
 
     import cpcompile
-    from cpcompile.parallelize import weight_bytes
+    from cpcompile.sharding import weight_bytes
 
     out = {"baseline_mb": _rss_mb()}
     t0 = time.perf_counter()

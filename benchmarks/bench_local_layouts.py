@@ -191,7 +191,7 @@ def rank_graphs(model, tp: int, cp: int, combine: str, rank: int, rows: int, tok
     from cpcompile.distributed import RankContext
     from cpcompile.explain import rank_graph
     from cpcompile.options import Options
-    from cpcompile.parallelize import capture
+    from cpcompile.capture import capture
     from cpcompile.passes.shard_weights import shard_weights
 
     options = Options(tp=tp, cp=cp, combine=combine)

@@ -43,7 +43,7 @@ def rank_main(a: dict) -> dict:
     import torch.distributed as dist
 
     from cpcompile import parallelize
-    from cpcompile.parallelize import weight_bytes
+    from cpcompile.sharding import weight_bytes
 
     torch.set_num_threads(1)
     base = build()

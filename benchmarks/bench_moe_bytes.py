@@ -26,7 +26,7 @@ import transformers
 from cpcompile.distributed import RankContext
 from cpcompile.loading import empty_model
 from cpcompile.options import Options
-from cpcompile.parallelize import capture, meta_copy
+from cpcompile.capture import capture, meta_copy
 from cpcompile.passes.plan import Mesh, MeshError, plan
 from cpcompile.passes.shard_weights import shard_weights
 

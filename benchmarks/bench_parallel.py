@@ -25,7 +25,7 @@ batch 2 and `max_length = context + steps + 8`:
 Measured per mesh and context:
 
   * per-rank KV bytes (`KVCache.kv_bytes()` of the cache the wrapper installed) and weight bytes
-    (`cpcompile.parallelize.weight_bytes`), as fractions of the 1x1 run's;
+    (`cpcompile.sharding.weight_bytes`), as fractions of the 1x1 run's;
   * collectives and bytes per layer per decode step, statically from the decode graph's pass
     report (`collectives` / `collective_bytes` divided by the number of layers), and at run time
     from the profiler: `_c10d_functional::*` events (the collectives the compiled graph issued),
@@ -249,7 +249,7 @@ def bench_rank(a: dict, tp: int, cp: int, ctx: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from cpcompile import parallelize
-    from cpcompile.parallelize import weight_bytes
+    from cpcompile.sharding import weight_bytes
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     model = build_model(a)
@@ -438,7 +438,7 @@ def scheme_rank(a: dict, schemes: list, batches: list) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from cpcompile import parallelize
-    from cpcompile.parallelize import weight_bytes
+    from cpcompile.sharding import weight_bytes
 
     schemes = [Scheme(**d) for d in schemes]  # plain dicts across the pipe
     rank = dist.get_rank()
@@ -979,7 +979,7 @@ def report_schemes(a, sres: dict) -> tuple[str, str, bool]:
         lines.append("")
     lines.append(
         "columns: rows/replica = the global batch's rows per dp replica; KV/rank, W/rank = KVCache.kv_bytes() (sink slot "
-        "included) and cpcompile.parallelize.weight_bytes of a rank (a/b: largest/smallest over the ranks); KV frac, W frac "
+        "included) and cpcompile.sharding.weight_bytes of a rank (a/b: largest/smallest over the ranks); KV frac, W frac "
         "= those over the single device's; FFN tok/rank/step = tokens one rank's FFN processes per decode step (the decode "
         "graph's counts['ffn_tokens'], padding included; a/b over ranks), T = the batch's tokens per step; coll/layer/step, "
         "B/layer/step = collectives (AR all_reduce, A2A all_to_all, AG all_gather, RS reduce_scatter) and the bytes they "

@@ -327,7 +327,7 @@ def explain(
     mla_uv: str = "after",
 ) -> Explanation:
     from cpcompile.loading import meta_parameters
-    from cpcompile.parallelize import capture, meta_copy
+    from cpcompile.capture import capture, meta_copy
 
     if getattr(model, "_cpcompile", None) is not None:
         raise ValueError(
@@ -369,7 +369,7 @@ def rank_graph(model, options: Options, analysis: Analysis | None = None, rank: 
     weights sliced from `model`; the graph is never run. `analysis`: `capture`'s at `options`' mesh
     (captured here when None). What explain reads; tests and benchmarks read the same graph."""
     from cpcompile.distributed import RankContext
-    from cpcompile.parallelize import capture, trace_passes
+    from cpcompile.capture import capture, trace_passes
     from cpcompile.passes.shard_weights import RankWeights, local_tensors, shard_weights
 
     if analysis is None:

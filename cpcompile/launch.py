@@ -134,7 +134,7 @@ def _generate_on_rank(spec: GenerateSpec, rank: int) -> int:
 
     import cpcompile
     from cpcompile.cache import KVCache
-    from cpcompile.parallelize import weight_bytes
+    from cpcompile.sharding import weight_bytes
 
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -17,181 +17,25 @@ What it does to `model` (nothing else is edited):
     `model.generate` to check every rank uses the same generation settings first.
 
 `model.generate(...)` is then the ordinary HF API: greedy, sampling, batches with left padding.
+
+This file orders the steps; each lives in its own module: the capture (`capture.py`), this rank's
+weights (`sharding.py`), the runtime wrapper (`runtime.py`), the self-verification (`verify.py`).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import TYPE_CHECKING
-from dataclasses import dataclass
-
 import torch
 
-from cpcompile._hf import cache_arg, forward_parameters
-from cpcompile.backend import Backend
-from cpcompile.cache import KVCache, kv_shapes
-from cpcompile.data_parallel import REPLICA_LAYOUT
-from cpcompile.lockstep import check_same_inputs, lockstep_generate
-from cpcompile.options import Options
-from cpcompile.passes import Analysis, PassReport, analyze, run_passes
-from cpcompile.passes.find_projections import input_names, param_names
-from cpcompile.serving import Engine, check_serving, graph_bound
 from cpcompile import verify as verification
-
-if TYPE_CHECKING:
-    from cpcompile.distributed import RankContext
-    from cpcompile.passes.shard_weights import RankWeights
+from cpcompile.cache import kv_shapes
+from cpcompile.capture import CaptureError, capture, first_line, meta_copy
+from cpcompile.options import Options
+from cpcompile.passes import Analysis
+from cpcompile.runtime import DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, install
+from cpcompile.serving import check_serving
+from cpcompile.sharding import shard_model
 
 DEFAULT_MAX_LENGTH = 2048
-DEFAULT_PREFILL_CHUNK = 256
-DEFAULT_MAX_BATCH = 16
-
-
-@dataclass
-class ParallelState:
-    """What `parallelize` attached to a model (as `model._cpcompile`)."""
-
-    options: Options
-    max_length: int
-    analysis: Analysis
-    backend: Backend
-    kv_shapes: list  # per layer (Hkv, Dk, Dv, dtype), see cpcompile.cache.kv_shapes
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-    max_batch: int = DEFAULT_MAX_BATCH
-    ctx: "RankContext | None" = None  # this rank and its process groups (None on one device)
-    weights: "RankWeights | None" = None  # this rank's weight shards and local copies
-    engine: "Engine | None" = None
-    verification: dict | None = None  # the largest logit error per step of the self-verification probe
-    checkpoint: "object | None" = None  # the cpcompile.loading.Checkpoint the weights were read from (bytes_read)
-
-    @property
-    def graph_bound(self) -> int:
-        """The most graphs this model compiles, whatever the request stream (`serving.graph_bound`)."""
-        return graph_bound(self.max_batch, self.prefill_chunk)
-
-    @property
-    def graphs(self) -> int:
-        """Graphs compiled so far (Dynamo hands each to the backend once)."""
-        return len(self.backend.reports)
-
-    def check_inputs(self, ref: torch.Tensor, position: int = 0, logits_to_keep: int = 0) -> None:
-        """The ranks that must see the same inputs do: all ranks, or a replica's with dp_inputs='local'.
-        `position`: tokens the cache holds before this call (tells `generate()` a prompt from a token
-        the ranks generated; cpcompile/lockstep.py)."""
-        o = self.options
-        if o.dp == 1 or o.dp_inputs == "global":
-            check_same_inputs(ref, None, position, logits_to_keep)
-        elif o.tp * o.cp > 1:
-            check_same_inputs(ref, self.ctx.handles["replica"], position, logits_to_keep)
-
-
-class CaptureError(ValueError):
-    """The model's forward cannot be traced the way cpcompile needs (one graph over a static cache)."""
-
-
-def user_frame(e: BaseException) -> str:
-    """'(at modeling_gpt_neo.py:121 in _attn: `...`)': the innermost model frame Dynamo's message
-    quotes ("from user code"), or '' if it quotes none."""
-    from cpcompile.passes._fx import last_frame
-
-    frame = last_frame(str(e))
-    return f"(at {frame})" if frame else ""
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def capture(model: torch.nn.Module, options: Options, max_length: int = 64, prompt_length: int = 4) -> Analysis:
-    """Trace `model`'s forward once (a short prompt into a fresh cpcompile cache) and analyse it."""
-    params = param_names(model)
-    holder: list[Analysis] = []
-
-    def analysing_backend(gm, example_inputs, **_):
-        holder.append(analyze(gm, options, input_names(gm, example_inputs, params)))
-        return gm.forward  # never run: we stop at the first graph
-
-    cache = KVCache(_num_layers(model), max_length).allocate(model, 1)
-    ids = torch.ones(1, prompt_length, dtype=torch.long, device=_device(model))
-    _trace(model, model.forward, analysing_backend, holder,
-           dict(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_arg(model): cache}, use_cache=True))
-    return holder[0]
-
-
-def trace_passes(model: torch.nn.Module, options: Options, analysis: Analysis, ctx: "RankContext | None",
-                 weights: "RankWeights | None", max_length: int = 64, rows: int = 1,
-                 tokens: int = 1) -> tuple[PassReport, torch.fx.GraphModule]:
-    """Run every pass, for the rank `ctx`, on the graph of one forward of `rows` x `tokens` (by default
-    a decode step: one row per replica, the first token of a cache of `max_length`) as the serving
-    engine calls it: the cache of this rank's slots, the replica layout under dp > 1. The graph is
-    rewritten, never run (`cpcompile.explain`). `analysis`: `capture`'s, at `options`' mesh."""
-    from cpcompile.passes.absorb_latent import latent_layers
-
-    params = param_names(model)
-    holder: list = []
-    latents = {s.index: s.latent for s in analysis.sites if s.latent is not None}
-
-    def passes_backend(gm, example_inputs, **_):
-        holder.append((run_passes(gm, options, 0, ctx, weights, input_names(gm, example_inputs, params), latents), gm))
-        return _stop
-
-    device = _device(model)
-    cache = KVCache(_num_layers(model), max_length, cp=options.cp, cp_rank=ctx.cp_rank if ctx else 0,
-                    kv_interleave=options.kv_interleave, tp=options.tp, tp_rank=ctx.tp_rank if ctx else 0,
-                    latent=latent_layers(analysis.sites))  # as the serving engine allocates it (serving.py)
-    if options.dp > 1 and (rows, tokens) != (1, 1):
-        raise ValueError(f"trace_passes: rows={rows}, tokens={tokens} at dp={options.dp}; only a decode step's layout is traced")
-    if tokens > max_length:
-        raise ValueError(f"trace_passes: {tokens} tokens do not fit max_length={max_length}")
-    cache.allocate_shapes(kv_shapes(model), rows, device)
-    ids = torch.ones(rows, tokens, dtype=torch.long, device=device)
-    mask = torch.zeros(rows, cache.max_length, dtype=torch.long, device=device)
-    mask[:, :tokens] = 1
-    kwargs = dict(attention_mask=mask, **{cache_arg(model): cache}, use_cache=True)
-    params_in = set(forward_parameters(model))
-    if "position_ids" in params_in:
-        kwargs["position_ids"] = torch.arange(tokens, device=device).expand(rows, tokens)
-    if "logits_to_keep" in params_in:
-        kwargs["logits_to_keep"] = 1
-    model_forward = model.forward
-
-    def step(input_ids, **kw):
-        if options.dp > 1:  # every replica's rows and tokens, as the engine marks them (data_parallel.py)
-            input_ids = REPLICA_LAYOUT(input_ids, [1] * options.dp, [1] * options.dp)
-        return model_forward(input_ids=input_ids, **kw)
-
-    _trace(model, step, passes_backend, holder, dict(input_ids=ids, **kwargs))
-    return holder[0]
-
-
-def _stop(*args):
-    raise RuntimeError("cpcompile: a graph traced for its passes only is never run")
-
-
-def _trace(model, forward, backend, holder: list, kwargs: dict) -> None:
-    """Compile `forward` with `backend` and call it once with `kwargs`: the backend sees the one graph
-    and appends what it learns to `holder`. A refusal by the passes is raised as such."""
-    fn = torch.compile(forward, backend=backend, fullgraph=True, dynamic=False)
-    try:
-        with torch.no_grad():
-            try:
-                fn(**kwargs)
-            except torch._dynamo.exc.BackendCompilerFailed as e:
-                # our own analysis refused the model (MeshError / AttentionError): raise that, unwrapped
-                raise e.inner_exception from None
-            except RuntimeError as e:
-                if not holder:  # a real tracing failure; the marker op raising after capture is expected
-                    raise CaptureError(
-                        f"cpcompile: {type(model).__name__}.forward could not be traced as one graph over cpcompile's "
-                        f"preallocated KV cache (torch.compile fullgraph=True, static shapes): "
-                        f"{type(e).__name__}: {first_line(e)}\ncpcompile needs the whole forward in one graph reading a "
-                        "static cache; this model's code does not allow it (for example it sizes a bias by the cache's "
-                        "length, as ALiBi does, or keeps a recurrent state beside the KV cache). Run it without cpcompile."
-                    ) from e
-    finally:
-        torch._dynamo.reset()
 
 
 def parallelize(
@@ -274,40 +118,12 @@ def parallelize(
     del traced
     ctx, weights = None, None
     if dp * tp * cp > 1:
-        ctx, weights = _shard_model(model, analysis, options, ckpt, device)
+        ctx, weights = shard_model(model, analysis, options, ckpt, device)
     if ckpt is not None:
         from cpcompile.loading import load_replicated
 
         load_replicated(model, ckpt, device)
-    backend = Backend(options, ctx, weights, params=lambda: param_names(model),
-                      latents={s.index: s.latent for s in analysis.sites if s.latent is not None})
-    state = ParallelState(options, max_length, analysis, backend, shapes, prefill_chunk, max_batch, ctx, weights)
-    model_forward = model.forward
-
-    def step(*args, replica_layout=None, **kwargs):
-        if replica_layout is not None:  # the rows and tokens of every replica, as graph constants
-            key = "input_ids" if kwargs.get("input_ids") is not None else "inputs_embeds"
-            kwargs[key] = REPLICA_LAYOUT(kwargs[key], list(replica_layout[0]), list(replica_layout[1]))
-        return model_forward(*args, **kwargs)
-
-    compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
-    params = forward_parameters(model)
-    signature = inspect.signature(model_forward)
-    state.engine = Engine(state, compiled, set(params), cache_arg(model), _device(model), _num_layers(model))
-
-    @functools.wraps(model_forward)
-    def forward(*args, **kwargs):
-        kwargs = dict(signature.bind_partial(*args, **kwargs).arguments)
-        kwargs.update(kwargs.pop("kwargs", {}))
-        with torch.no_grad():  # inference only: the rewritten ops have no backward (AOT would trace one)
-            return state.engine(kwargs)
-
-    model._cpcompile_forward = model_forward
-    model.forward = forward
-    if state.ctx is not None:
-        model.generate = lockstep_generate(model, state, model.generate)
-    model._cpcompile = state
-    model.generation_config.disable_compile = True
+    state = install(model, options, max_length, analysis, shapes, prefill_chunk, max_batch, ctx, weights)
     if ref is not None:
         state.verification = verification.check(model, ref, _describe(options), _cannot_locate(options))
     if twin_report is not None:
@@ -352,13 +168,6 @@ def _checkpoint_source(model, checkpoint, device):
     return ckpt, torch.device(device) if device is not None else default_device()
 
 
-def meta_copy(model):
-    """A copy of an empty model (parameters on meta) with its buffers on meta too, for capture."""
-    import copy
-
-    return copy.deepcopy(model).to("meta")
-
-
 def _verify_twin(model, analysis: Analysis, options: Options, max_length: int, prefill_chunk: int, max_batch: int,
                  device: torch.device) -> dict:
     """Self-verification without the whole model: parallelize a small twin on `device` and the same
@@ -393,75 +202,3 @@ def _cannot_locate(o: Options) -> str | None:
         return (f"The layer was not located: under ffn={o.ffn!r} the hidden states between layers are split over ranks. "
                 f"parallelize the model at dp=1, tp={o.tp}, cp={o.cp}, ffn='tp' to locate it.")
     return None
-
-
-def _shard_model(model, analysis: Analysis, options: Options, ckpt=None, device=None):
-    """This rank's context and weights: decide its weight shards, keep its local copies, and replace the model's full
-    parameters for them by zero-storage stand-ins of the full shape (Dynamo then traces the
-    single-device shapes; the graph reads the local copies). With `ckpt` the local copies are read
-    from the checkpoint's files onto `device` (the model's parameters are on meta)."""
-    from cpcompile.distributed import rank_context
-    from cpcompile.passes.shard_weights import RankWeights, local_tensors, shard_weights
-
-    device = device if ckpt is not None else _device(model)
-    ctx = rank_context(options, device)
-    shards = shard_weights(analysis, ctx)
-    params = dict(model.named_parameters())
-    local = {}
-    for name, shard in shards.items():
-        if name not in params:
-            raise ValueError(
-                f"cpcompile: the plan shards the linear weight {name}, which is not a parameter of the model (it is "
-                "computed in the forward); cpcompile can shard only the model's own weights. Run with tp = cp = 1."
-            )
-        bias_name = shard.bias
-        bias = params.get(bias_name) if bias_name else None
-        if bias_name and bias is None:
-            raise ValueError(
-                f"cpcompile: the linear of {name} adds a bias that is not a parameter of the model ({bias_name}); "
-                "cpcompile cannot shard it. Run with tp = cp = 1."
-            )
-        if ckpt is not None:  # presence and shapes were checked up front (loading.check_covers)
-            w, b = ckpt.read_shard(shard)
-            dtype = params[name].dtype
-            local[name] = (w.to(device=device, dtype=dtype), b.to(device=device, dtype=bias.dtype) if b is not None else None)
-        else:
-            local[name] = local_tensors(shard, params[name].detach(), bias.detach() if bias is not None else None)
-        for pname in (name, bias_name if bias is not None else None):
-            if pname:
-                _stand_in(model, params[pname], device)
-    return ctx, RankWeights(shards, local)
-
-
-def _stand_in(model, full: torch.nn.Parameter, device) -> None:
-    """Replace `full` by a zero-storage stand-in of its shape, in every module that holds it (a tied
-    embedding and LM head hold one Parameter twice), so no full copy stays referenced."""
-    stub = torch.nn.Parameter(torch.empty(1, dtype=full.dtype, device=device).expand(full.shape), requires_grad=False)
-    for mod in model.modules():
-        for attr, p in list(mod._parameters.items()):
-            if p is full:
-                mod._parameters[attr] = stub
-
-
-def weight_bytes(model) -> int:
-    """Bytes of weights this rank really holds: the model's parameters (stand-ins count their
-    one element) plus the local shards the compiled graph reads."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        st = p.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    state = getattr(model, "_cpcompile", None)
-    if state is not None and state.weights is not None:
-        for w, b in state.weights.local.values():
-            total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-    return total
-
-
-def _num_layers(model) -> int:
-    return model.config.get_text_config().num_hidden_layers
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device

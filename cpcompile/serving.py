@@ -286,7 +286,7 @@ class Engine:
                                f"(shapes compiled before: {sorted(self.compiles)})")
                 raise inner from None
             except (torch._dynamo.exc.TorchRuntimeError, torch._dynamo.exc.Unsupported) as e:
-                from cpcompile.parallelize import CaptureError, first_line, user_frame
+                from cpcompile.capture import CaptureError, first_line, user_frame
 
                 # Dynamo could trace the capture shape but not this one: the model's code depends on
                 # the step's shape in a way a static cache does not satisfy (GPT-Neo slices its causal

@@ -27,7 +27,7 @@ def run_dp(arch, dp, tp, cp, ffn, dp_inputs, batch, prompt_len, new_tokens, comb
 
     from cpcompile import KVCache, parallelize
     from cpcompile.data_parallel import split_rows
-    from cpcompile.parallelize import weight_bytes
+    from cpcompile.sharding import weight_bytes
     from cpcompile.serving import bucket
     from cpcompile.tiny import tiny_model
 

@@ -39,7 +39,7 @@ def _generate(model, ids, mask, new):
 def run_parallel(arch, tp, cp, combine, kv_interleave, batch, prompt_len, new_tokens, lowering="eager"):
     """On every rank: reference generation, then the parallel one; returns what the parent checks."""
     from cpcompile import parallelize
-    from cpcompile.parallelize import weight_bytes
+    from cpcompile.sharding import weight_bytes
     from cpcompile.tiny import tiny_model
 
     from cpcompile import KVCache

@@ -17,7 +17,7 @@ VOCAB, HIDDEN, WORLD = 250, 64, 4
 
 def run_tied_padded(vocab_mode):
     from cpcompile import parallelize
-    from cpcompile.parallelize import weight_bytes
+    from cpcompile.sharding import weight_bytes
     from cpcompile.tiny import tiny_model
 
     model = tiny_model("gemma2", vocab_size=VOCAB, tie_word_embeddings=True)

@@ -4,7 +4,7 @@ import pytest
 
 from cpcompile.distributed import RankContext
 from cpcompile.options import Options
-from cpcompile.parallelize import capture
+from cpcompile.capture import capture
 from cpcompile.passes.shard_weights import head_ranges, shard_weights
 from cpcompile.tiny import tiny_model
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpcompile.options import Options
-from cpcompile.parallelize import capture
+from cpcompile.capture import capture
 from cpcompile.options import COMBINES, FFNS, MOES
 from cpcompile.passes.plan import valid_meshes
 from cpcompile.testing.strategies import (
