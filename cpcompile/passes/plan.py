@@ -49,7 +49,7 @@ _PLACEMENT = {
     "expert_up": ("expert-column", "moe"), "expert_down": ("expert-row", "moe"),
     "shared_gate": ("column", "moe"), "shared_up": ("column", "moe"), "shared_down": ("row", "moe"),
 }
-# the projections that read the attention's input: they need every token of the replica (split_tokens.py)
+# the projections that read the attention's input: they need every token of the replica (tokenwise.py)
 ATTENTION_INPUT_ROLES = ("q", "k", "v", "qkv", "kv", "qk", "qv", "q_down", "kv_down", "mla_q")
 EXPERT_ROLES = ("expert_up", "expert_down")
 _MOE_GROUP = {"tp": "replica", "sp": "tp", "world_tp": "replica"}
