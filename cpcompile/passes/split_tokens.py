@@ -19,6 +19,8 @@ layout starts, how a row partial sum is resharded and what a consumer that needs
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,7 +55,7 @@ def split_tokens(gm: fx.GraphModule, placements: list[Placement], ctx: "RankCont
     return scheme(gm, {p.weight: p.role for p in placements}, ctx, tokens).run()
 
 
-class TokenSplitter:
+class TokenSplitter(ABC):
     """The walk both schemes share; a subclass sets `kind` (its split layout) and the scheme hooks
     `_split_group`, `_source`, `_reshards`, `_reshard`, `_token_operand`, `_not_tokenwise`, `_output`."""
 
@@ -69,33 +71,33 @@ class TokenSplitter:
         self.skip = self._row_chains()
 
     # ---- scheme hooks ---------------------------------------------------------------------
+    @abstractmethod
     def _split_group(self) -> tuple[int, int, str]:
         """(parts, this rank's index, group name) of the group the tokens are split over."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _source(self, n: fx.Node) -> bool:
         """Where the split layout starts: rewrite `n` and return True, or return False."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _reshards(self, row: dict) -> bool:
         """Whether this row partial sum's all-reduce chain is resharded by `_reshard`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _reshard(self, y: fx.Node, row: dict) -> fx.Node:
         """The replacement for `y`, the end of a row all-reduce chain (inserted before `y`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _token_operand(self, n: fx.Node, i: fx.Node, padded: tuple, src: fx.Node) -> bool:
         """A FULL operand `i` of token-wise `n` varies over the tokens: fix it up, or return False."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _not_tokenwise(self, n: fx.Node, split_in: list[fx.Node]) -> None:
         """`n` consumes the split `split_in` but is not token-wise."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _output(self, n: fx.Node) -> None:
         """The graph output `n`, some of whose inputs may be split."""
-        raise NotImplementedError
 
     # ---- the walk -------------------------------------------------------------------------
     def run(self) -> dict[str, int]:
