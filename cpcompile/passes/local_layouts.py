@@ -111,7 +111,7 @@ def mark_local(node: fx.Node, local_node: fx.Node, dim: int, idx, full: int, gro
 
 def keep_local(gm: fx.GraphModule) -> dict[str, int]:
     """Returns counts: `seeds` (padded values), `local` (nodes now computed on the shard), `ends`
-    (slices that were the local tensor), `statistics` (all-reduced norm statistics), `kept_full`
+    (nodes replaced by a whole value: slices that were the local tensor, and the statistics), `statistics` (all-reduced norm statistics), `kept_full`
     (nodes left at full width because no rule carries the layout through them)."""
     return _Localizer(gm).run()
 
@@ -436,7 +436,7 @@ class _Localizer:
         return first.moved(node, first.dim)
 
     # reductions -------------------------------------------------------------------------------
-    def _reduce(self, n: fx.Node, loc) -> Local | fx.Node:
+    def _reduce(self, n: fx.Node, loc) -> "Local | _Whole":
         loc = self._need(loc)
         name = _name(n)
         nd_in = len(shape(loc.node))
@@ -452,7 +452,7 @@ class _Localizer:
             raise _NotLocal(f"{name} over the sharded dim")
         return self._statistic(n, loc, dims[0], keepdim)
 
-    def _statistic(self, n: fx.Node, loc: Local, dim: int, keepdim: bool) -> Local:
+    def _statistic(self, n: fx.Node, loc: Local, dim: int, keepdim: bool) -> "_Whole":
         """sum / mean over the sharded dim: local sum, all-reduce over the group, / copies (and / full for mean)."""
         copies = loc.group_size * len(loc.idx) / loc.full  # ranks of the group holding each index
         if copies < 1 or copies != int(copies):  # shard_weights relied on this statistic: never a silent fallback
